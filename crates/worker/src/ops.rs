@@ -1,0 +1,96 @@
+//! The layer every app gets: `/healthz`, `/metrics`, the worker header and status counting.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::service::Service;
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::stats::Stats;
+
+/// The response header naming the worker that answered, so anyone can see the spread.
+pub const WORKER_HEADER: HeaderName = HeaderName::from_static("x-sdcluster-worker");
+
+/// What the layer answers with: its own small bodies, or the app's.
+pub type OpsBody<B> = Either<Full<Bytes>, B>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Wraps an app's service: answers the operational endpoints itself, passes everything else
+/// on, and stamps and counts every response.
+pub struct Instrumented<S> {
+    app: Arc<S>,
+    stats: Arc<Stats>,
+    worker: HeaderValue,
+}
+
+impl<S> Clone for Instrumented<S> {
+    fn clone(&self) -> Self {
+        Self { app: Arc::clone(&self.app), stats: Arc::clone(&self.stats), worker: self.worker.clone() }
+    }
+}
+
+impl<S> Instrumented<S> {
+    pub(crate) fn new(app: Arc<S>, stats: Arc<Stats>) -> Self {
+        let worker =
+            HeaderValue::from_str(stats.instance()).unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        Self { app, stats, worker }
+    }
+
+    fn own(&self, status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+    }
+
+    fn answer_ops(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let text = "text/plain; charset=utf-8";
+        let head = matches!(*req.method(), Method::GET | Method::HEAD);
+        match req.uri().path() {
+            "/healthz" if head => Some(self.own(StatusCode::OK, text, "ok\n".into())),
+            "/metrics" if head => Some(self.own(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.stats.render_prometheus(),
+            )),
+            "/healthz" | "/metrics" => Some(self.own(StatusCode::METHOD_NOT_ALLOWED, text, "use GET\n".into())),
+            _ => None,
+        }
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Instrumented<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    type Response = Response<OpsBody<B>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let worker = self.worker.clone();
+        let stats = Arc::clone(&self.stats);
+        let stamp = move |mut response: Self::Response| {
+            response.headers_mut().insert(WORKER_HEADER, worker);
+            stats.answered(response.status().as_u16());
+            response
+        };
+        if let Some(own) = self.answer_ops(&req) {
+            let response = stamp(own.map(Either::Left));
+            return Box::pin(async move { Ok::<_, BoxError>(response) });
+        }
+        let app = self.app.call(req);
+        Box::pin(async move {
+            let response = app.await.map_err(Into::into)?;
+            Ok(stamp(response.map(Either::Right)))
+        })
+    }
+}

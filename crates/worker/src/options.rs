@@ -1,0 +1,91 @@
+//! Command-line and environment settings of a worker, meant to be flattened into an app's CLI.
+
+use std::time::Duration;
+
+/// Every knob of the worker runtime. Each flag has an `SDCLUSTER_*` environment twin so that
+/// unit files and `sdcluster run` can set them without touching the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Address to bind when no socket was passed (LISTEN_FDS unset): HOST:PORT, [V6]:PORT or
+    /// unix:/PATH. Repeat for several.
+    #[arg(long = "listen", env = "SDCLUSTER_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    pub listen: Vec<String>,
+
+    /// Bind --listen with SO_REUSEPORT, so that several workers each own a socket on one port
+    /// (the kernel then spreads connections by hash instead of one shared queue).
+    #[arg(long, env = "SDCLUSTER_REUSEPORT")]
+    pub reuseport: bool,
+
+    /// Serve only the passed sockets with these LISTEN_FDNAMES names (default: every passed
+    /// socket).
+    #[arg(long = "listener-name", env = "SDCLUSTER_LISTENER_NAMES", value_delimiter = ',')]
+    pub listener_names: Vec<String>,
+
+    /// Name of this worker in responses, metrics and logs; units pass the instance (%i).
+    /// Default: the process id.
+    #[arg(long, env = "SDCLUSTER_INSTANCE")]
+    pub instance: Option<String>,
+
+    /// Runtime threads: 1 (one worker per CPU, the cluster default) or more for a standalone
+    /// multi-threaded server.
+    #[arg(long, env = "SDCLUSTER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+
+    /// On SIGTERM, how long in-flight requests may take to finish before the worker gives up
+    /// and exits 1; keep it below the unit's TimeoutStopSec= (systemd's default is 90s).
+    #[arg(long, env = "SDCLUSTER_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// A client has this long to send a request's headers (slowloris defence).
+    #[arg(long, env = "SDCLUSTER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    #[arg(long, env = "SDCLUSTER_MAX_HEADER_BYTES", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u32).range(8192..=16 * 1024 * 1024))]
+    pub max_header_bytes: u32,
+
+    /// Open connections this worker holds at most; further ones wait in the kernel's queue
+    /// for a worker with room, instead of being refused.
+    #[arg(long, env = "SDCLUSTER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// How long a worker above its fair share leaves a waiting connection to its peers before
+    /// taking it anyway (a peer may be busy); only with a shared balance table.
+    #[arg(long, env = "SDCLUSTER_BALANCE_PATIENCE", default_value = "20ms", value_parser = parse_duration)]
+    pub balance_patience: Duration,
+}
+
+/// Durations as systemd and humans write them: `30s`, `500ms`, `2min`, or bare seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (try 30s, 500ms or 2min)"))?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" => 1.0,
+        "ms" | "msec" => 1e-3,
+        "us" | "usec" => 1e-6,
+        "m" | "min" => 60.0,
+        "h" | "hr" => 3600.0,
+        other => {
+            return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, min or h)"));
+        }
+    };
+    Duration::try_from_secs_f64(number * scale).map_err(|_| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+    }
+}

@@ -1,0 +1,238 @@
+//! Accepting and serving connections, and draining them on shutdown.
+
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nix::sys::socket::{SockFlag, accept4};
+use sdcluster_protocol::{BalanceTable, Listener};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::gate::Gate;
+use crate::listeners::Acquired;
+use crate::notify::{Notifier, status_line};
+use crate::ops::Instrumented;
+use crate::options::Options;
+use crate::stats::Stats;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The drain deadline passed with requests still in flight; they were cut off.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{open} connections were still open when the drain timeout ({timeout:?}) ran out; raise --drain-timeout (and the unit's TimeoutStopSec=) if requests legitimately take that long"
+)]
+pub struct DrainTimedOut {
+    /// Connections cut off.
+    pub open: u64,
+    /// The deadline that ran out.
+    pub timeout: Duration,
+}
+
+/// A worker ready to serve: its sockets, settings and counters.
+pub struct Server {
+    listeners: Vec<Listener>,
+    balance: Option<Arc<BalanceTable>>,
+    opts: Options,
+    stats: Arc<Stats>,
+}
+
+impl Server {
+    /// Prepares serving `acquired` with `opts`; fails only if a passed balance table can't
+    /// be mapped.
+    pub fn new(acquired: Acquired, opts: Options) -> io::Result<Self> {
+        let instance = opts.instance.clone().unwrap_or_else(|| std::process::id().to_string());
+        let balance = acquired.balance.as_ref().map(|f: &File| BalanceTable::open(f).map(Arc::new)).transpose()?;
+        Ok(Self { listeners: acquired.listeners, balance, opts, stats: Arc::new(Stats::new(instance)) })
+    }
+
+    /// The counters, for an app that wants to show them its own way.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serves `app` on every listener until `shutdown` completes, then drains: stops
+    /// accepting, lets requests in flight finish, closes idle connections.
+    ///
+    /// `READY=1` is sent once every listener is being served, `STOPPING=1` when the drain
+    /// starts. A second `shutdown`-like signal is the caller's business (see [`crate::run`]).
+    pub async fn serve<S, B>(
+        self,
+        app: S,
+        shutdown: impl Future<Output = ()>,
+        abort_drain: impl Future<Output = ()>,
+    ) -> Result<(), DrainTimedOut>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let notifier = Notifier::from_env();
+        let gate = Arc::new(Gate::new(
+            Arc::clone(&self.stats),
+            self.opts.max_connections,
+            self.balance.clone(),
+            self.opts.balance_patience,
+        ));
+        let service = Instrumented::new(Arc::new(app), Arc::clone(&self.stats));
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.opts.header_timeout)
+            .max_buf_size(self.opts.max_header_bytes as usize);
+        let http = Arc::new(http);
+        let (drain, draining) = watch::channel(false);
+
+        let serving = self.listeners.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let mut tasks = JoinSet::new();
+        for listener in self.listeners {
+            // SAFETY: the Listener owns its fd, which stays open and the same until the
+            // AsyncFd is dropped.
+            let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("cannot watch a listener: {e}");
+                    continue;
+                }
+            };
+            let accepted = Accepted {
+                gate: Arc::clone(&gate),
+                service: service.clone(),
+                http: Arc::clone(&http),
+                draining: draining.clone(),
+            };
+            tasks.spawn(accept_loop(listener, accepted));
+        }
+        tasks.spawn(Arc::clone(&gate).keep_slot_alive());
+        tasks.spawn(notifier.keep_watchdog_fed());
+        tasks.spawn(notifier.keep_status_current(Arc::clone(&self.stats), serving.clone()));
+        tracing::info!(worker = self.stats.instance(), balanced = self.balance.is_some(), "serving {serving}");
+        notifier.ready(&status_line(&serving, &self.stats));
+
+        shutdown.await;
+        tasks.abort_all(); // stop accepting; our copies of the sockets close
+        let open = self.stats.open();
+        tracing::info!("draining {open} open connections (at most {:?})", self.opts.drain_timeout);
+        notifier.stopping(&format!("draining {open} connections"));
+        let _ = drain.send(true);
+        let drained = tokio::select! {
+            done = tokio::time::timeout(self.opts.drain_timeout, gate.all_closed()) => done.is_ok(),
+            () = abort_drain => false,
+        };
+        if drained {
+            tracing::info!("drained; exiting");
+            Ok(())
+        } else {
+            Err(DrainTimedOut { open: self.stats.open(), timeout: self.opts.drain_timeout })
+        }
+    }
+}
+
+/// What every accepted connection needs.
+struct Accepted<S> {
+    gate: Arc<Gate>,
+    service: Instrumented<S>,
+    http: Arc<http1::Builder>,
+    /// Turns true when the worker drains: connections finish their request and close.
+    draining: watch::Receiver<bool>,
+}
+
+async fn accept_loop<S, B>(listener: AsyncFd<Listener>, accepted: Accepted<S>)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let mut ready = match listener.readable().await {
+            Ok(ready) => ready,
+            Err(e) => return tracing::error!("listener {} failed: {e}", listener.get_ref()),
+        };
+        accepted.gate.wait_turn(listener.get_ref()).await;
+        match ready.try_io(|l| {
+            accept4(l.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)
+        }) {
+            Err(_would_block) => continue,
+            Ok(Ok(fd)) => {
+                // SAFETY: accept4 returned a new fd that nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                match listener.get_ref() {
+                    Listener::Tcp(_) => {
+                        let stream = std::net::TcpStream::from(fd);
+                        let _ = stream.set_nodelay(true);
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(io) => spawn_connection(io, &accepted),
+                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                        }
+                    }
+                    Listener::Unix(_) => match tokio::net::UnixStream::from_std(fd.into()) {
+                        Ok(io) => spawn_connection(io, &accepted),
+                        Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                    },
+                }
+            }
+            Ok(Err(e)) => back_off(e).await,
+        }
+    }
+}
+
+/// Accept errors are about the process or one connection, never fatal to the listener.
+async fn back_off(e: io::Error) {
+    match e.raw_os_error() {
+        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO) => {}
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+            tracing::warn!("accept failed: {e}; pausing 100ms (raise LimitNOFILE= or lower --max-connections)");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        _ => {
+            tracing::warn!("accept failed: {e}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn spawn_connection<IO, S, B>(io: IO, accepted: &Accepted<S>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    accepted.gate.opened();
+    let gate = Arc::clone(&accepted.gate);
+    let connection = accepted.http.serve_connection(TokioIo::new(io), accepted.service.clone());
+    let mut draining = accepted.draining.clone();
+    tokio::spawn(async move {
+        tokio::pin!(connection);
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            () = async { let _ = draining.wait_for(|d| *d).await; } => {
+                // Finish the request in flight (if any), then close instead of keeping alive.
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!("connection ended with an error: {e}");
+        }
+        gate.closed();
+    });
+}

@@ -1,0 +1,124 @@
+//! Counters a worker keeps about itself, for `/metrics`, `STATUS=` and the balance table.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+const FIRST_STATUS: u16 = 100;
+const STATUSES: usize = 500;
+
+/// Lock-free counters, shared by every connection task of a worker.
+pub struct Stats {
+    instance: String,
+    started: Instant,
+    open: AtomicU64,
+    accepted: AtomicU64,
+    by_status: Vec<AtomicU64>,
+}
+
+impl Stats {
+    /// Counters for the worker named `instance`.
+    pub fn new(instance: String) -> Self {
+        Self {
+            instance,
+            started: Instant::now(),
+            open: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            by_status: (0..STATUSES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The worker's name, as given by `--instance`.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> u64 {
+        self.open.load(Relaxed)
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.by_status.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    pub(crate) fn connection_opened(&self) -> u64 {
+        self.accepted.fetch_add(1, Relaxed);
+        self.open.fetch_add(1, Relaxed) + 1
+    }
+
+    pub(crate) fn connection_closed(&self) -> u64 {
+        self.open.fetch_sub(1, Relaxed) - 1
+    }
+
+    pub(crate) fn answered(&self, status: u16) {
+        if let Some(counter) = status.checked_sub(FIRST_STATUS).and_then(|i| self.by_status.get(usize::from(i))) {
+            counter.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The counters in Prometheus' text format. The label is `worker`, not `instance`, which
+    /// Prometheus reserves for the scrape target.
+    pub fn render_prometheus(&self) -> String {
+        let w = escape(&self.instance);
+        let mut out = String::with_capacity(1024);
+        out.push_str("# HELP sdcluster_http_requests_total HTTP requests answered, by status code.\n# TYPE sdcluster_http_requests_total counter\n");
+        for (i, counter) in self.by_status.iter().enumerate() {
+            let n = counter.load(Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "sdcluster_http_requests_total{{worker=\"{w}\",status=\"{}\"}} {n}",
+                    i + usize::from(FIRST_STATUS)
+                );
+            }
+        }
+        let _ = write!(
+            out,
+            "# HELP sdcluster_connections_open Connections this worker holds open.\n# TYPE sdcluster_connections_open gauge\n\
+             sdcluster_connections_open{{worker=\"{w}\"}} {}\n\
+             # HELP sdcluster_connections_accepted_total Connections this worker accepted.\n# TYPE sdcluster_connections_accepted_total counter\n\
+             sdcluster_connections_accepted_total{{worker=\"{w}\"}} {}\n\
+             # HELP sdcluster_uptime_seconds Seconds since this worker started.\n# TYPE sdcluster_uptime_seconds gauge\n\
+             sdcluster_uptime_seconds{{worker=\"{w}\"}} {:.3}\n\
+             # HELP sdcluster_worker_info This worker's pid and version.\n# TYPE sdcluster_worker_info gauge\n\
+             sdcluster_worker_info{{worker=\"{w}\",pid=\"{}\",version=\"{}\"}} 1\n",
+            self.open(),
+            self.accepted.load(Relaxed),
+            self.started.elapsed().as_secs_f64(),
+            std::process::id(),
+            env!("CARGO_PKG_VERSION"),
+        );
+        out
+    }
+}
+
+/// Label values escaped as the exposition format requires.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders() {
+        let s = Stats::new("web\"1".into());
+        s.connection_opened();
+        s.connection_opened();
+        s.connection_closed();
+        s.answered(200);
+        s.answered(200);
+        s.answered(404);
+        s.answered(42); // not a status: ignored rather than miscounted
+        assert_eq!((s.open(), s.requests()), (1, 3));
+        let text = s.render_prometheus();
+        assert!(text.contains("sdcluster_http_requests_total{worker=\"web\\\"1\",status=\"200\"} 2\n"), "{text}");
+        assert!(text.contains("status=\"404\"} 1\n"));
+        assert!(text.contains("sdcluster_connections_open{worker=\"web\\\"1\"} 1\n"));
+        assert!(text.contains("sdcluster_connections_accepted_total{worker=\"web\\\"1\"} 2\n"));
+        assert!(!text.contains("status=\"500\""));
+    }
+}
