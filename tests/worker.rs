@@ -1,1 +1,531 @@
+//! The reference worker (`sdcluster-worker`) as a supervisor sees it: real processes on real
+//! sockets, started the ways systemd starts them, told to stop with real signals.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sdcluster_tests::http::{self, Connection, PeerState, Response};
+use sdcluster_tests::{NotifySocket, TestDir, Worker, WorkerCommand, net, wait_until};
+use sdcluster_worker::EXIT_BAD_INPUT;
+use sdcluster_worker::listen_fds::BALANCE_FD_NAME;
+
+/// Generous bound for a worker to start, answer, report or exit: only reached on failure.
+const PATIENCE: Duration = Duration::from_secs(10);
+/// How long a check that something does *not* happen watches; a wrong worker fails it in
+/// milliseconds.
+const QUIET: Duration = Duration::from_millis(500);
+/// What `GET /` answers.
+const BODY: &str = "this is dead simple";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// Starts `command` on a new listening socket passed as fd 3 (`LISTEN_FDS=1`), as systemd
+/// does; returns the worker, the test's own copy of the socket, and its address.
+fn start_on_passed_socket(command: WorkerCommand) -> (Worker, TcpListener, SocketAddr) {
+    let listener = net::listener();
+    let addr = net::addr_of(&listener);
+    let worker = command.pass_fds(vec![net::dup(&listener)], None).spawn();
+    (worker, listener, addr)
+}
+
+/// Asserts a 200 answered by the worker named `instance`.
+fn assert_ok_from(response: &Response, instance: &str) {
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.worker(), Some(instance), "{response:?}");
+}
+
+/// Asserts the worker at `addr` still answers `/healthz` and is still running.
+fn assert_still_serves(worker: &mut Worker, addr: SocketAddr, instance: &str) {
+    let response = http::get(addr, "/healthz");
+    assert_ok_from(&response, instance);
+    assert_eq!(response.text(), "ok\n");
+    assert!(worker.is_running(), "the worker exited; stderr:\n{}", worker.stderr());
+}
+
+/// `sdcluster_connections_open` as `/metrics` reports it (counting the asking connection).
+fn open_connections(addr: SocketAddr) -> u64 {
+    let metrics = http::get(addr, "/metrics").text();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("sdcluster_connections_open{")?.split_once("} ")?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no sdcluster_connections_open in:\n{metrics}"))
+}
+
+/// Waits until the worker at `addr` holds `n` connections, the asking one included: the
+/// connections opened before have been accepted.
+fn wait_for_open_connections(addr: SocketAddr, n: u64) {
+    if wait_until(PATIENCE, || (open_connections(addr) >= n).then_some(())).is_none() {
+        panic!("the worker never held {n} connections");
+    }
+}
+
+/// Opens a connection to `addr` and sends `GET path` on it without waiting for the answer.
+fn send_get(addr: SocketAddr, path: &str) -> Connection<TcpStream> {
+    let mut connection = Connection::connect(addr).expect("connect");
+    connection.send_get(path).expect("send a request");
+    connection
+}
+
+/// Asserts that `connection` gets no answer for a while (its request waits in a queue).
+fn assert_unanswered(connection: &mut Connection<TcpStream>) {
+    connection.set_read_timeout(QUIET).expect("set a read timeout");
+    assert_eq!(connection.peer_state(), PeerState::Silent);
+    connection.set_read_timeout(http::IO_TIMEOUT).expect("set a read timeout");
+}
+
+/// Asserts that a request sent to `listener` was left in its queue, untouched by any worker:
+/// the test accepts the connection itself and finds the request still unread.
+fn assert_left_in_queue(listener: &TcpListener, request_start: &[u8]) {
+    let mut stream = net::accept_waiting(listener, PATIENCE).expect("the connection waits in the socket's queue");
+    stream.set_nonblocking(false).expect("blocking stream");
+    stream.set_read_timeout(Some(PATIENCE)).expect("set a read timeout");
+    let mut start = vec![0; request_start.len()];
+    stream.read_exact(&mut start).expect("the request is still there");
+    assert_eq!(start, request_start);
+}
+
+/// Starts a worker that must refuse its input, and returns its stderr after asserting exit 2.
+fn refused_with_exit_2(command: WorkerCommand) -> String {
+    let mut worker = command.spawn();
+    assert_eq!(worker.exit_code(PATIENCE), i32::from(EXIT_BAD_INPUT), "stderr:\n{}", worker.stderr());
+    worker.stderr()
+}
+
+/// Starts one worker per name on one shared socket, as `bench/cluster.py` and `sdcluster run`
+/// do (fd 3 the socket, fd 4 the balance table when `balanced`), and waits until every one
+/// reported READY=1.
+fn start_cluster(names: &[&str], balanced: bool, dir: &TestDir) -> (Vec<Worker>, TcpListener) {
+    let listener = net::listener();
+    let table = balanced.then(|| net::memfd(c"sdcluster-balance"));
+    let fd_names = if balanced { format!("http:{BALANCE_FD_NAME}") } else { "http".to_owned() };
+    let mut notify = NotifySocket::bind(dir.path());
+    let workers = names
+        .iter()
+        .map(|name| {
+            let fds: Vec<OwnedFd> = std::iter::once(net::dup(&listener)).chain(table.as_ref().map(net::dup)).collect();
+            WorkerCommand::new()
+                .args(["--instance", name, "--balance-patience", "2s"])
+                .notify_socket(notify.path())
+                .pass_fds(fds, Some(&fd_names))
+                .spawn()
+        })
+        .collect();
+    notify.wait_for_nth("READY=1", names.len(), PATIENCE);
+    (workers, listener)
+}
+
+/// Opens 64 connections at once, then sends one request on each: how many each worker answered.
+fn answer_a_burst(addr: SocketAddr) -> BTreeMap<String, usize> {
+    let mut connections: Vec<_> = (0..64).map(|_| Connection::connect(addr).expect("connect")).collect();
+    for connection in &mut connections {
+        connection.send_get("/").expect("send a request");
+    }
+    let mut answered = BTreeMap::new();
+    for connection in &mut connections {
+        let response = connection.read_response().expect("a response");
+        assert_eq!(response.status, 200, "{response:?}");
+        *answered.entry(response.worker().expect("a worker header").to_owned()).or_default() += 1;
+    }
+    answered
+}
+
+// ---------------------------------------------------------------------------------------------
+// Under systemd-socket-activate: the sd_listen_fds and sd_notify protocols end to end
+
+#[test]
+fn socket_activated_worker_serves_the_passed_socket_and_reports_to_its_supervisor() {
+    let dir = TestDir::new("activated");
+    let mut notify = NotifySocket::bind(dir.path());
+    let addr: SocketAddr = format!("127.0.0.1:{}", net::free_port()).parse().unwrap();
+    let mut worker = WorkerCommand::new()
+        .args(["--instance", "activated-1"])
+        .notify_socket(notify.path())
+        .watchdog(200_000)
+        .socket_activated(&addr.to_string())
+        .spawn();
+
+    // The first connection makes systemd-socket-activate exec the worker on the socket.
+    drop(net::wait_for_port(addr, PATIENCE));
+    let ready = notify.wait_for("READY=1", PATIENCE);
+    let status = ready.value("STATUS").expect("READY=1 comes with a STATUS=");
+    assert!(status.contains(&addr.to_string()) && status.contains("requests"), "{status}");
+
+    for (path, status) in [("/", 200), ("/healthz", 200), ("/metrics", 200), ("/nowhere", 404)] {
+        let response = http::get(addr, path);
+        assert_eq!((response.status, response.worker()), (status, Some("activated-1")), "GET {path}");
+    }
+    assert_eq!(http::get(addr, "/").text(), BODY);
+    // STATUS= is kept current as requests are answered.
+    notify.wait_for_status("5 requests", PATIENCE);
+
+    // WATCHDOG_USEC=200000 with WATCHDOG_PID naming the worker: pinged every 100 ms.
+    notify.wait_for_nth("WATCHDOG=1", 5, PATIENCE);
+
+    worker.signal(libc::SIGTERM);
+    let stopping = notify.wait_for("STOPPING=1", PATIENCE);
+    assert!(stopping.value("STATUS").is_some_and(|s| s.contains("draining")), "{stopping:?}");
+    assert_eq!(worker.exit_code(PATIENCE), 0);
+}
+
+#[test]
+fn the_watchdog_is_fed_only_when_it_names_this_process() {
+    let dir = TestDir::new("watchdog-pid");
+    let mut notify = NotifySocket::bind(dir.path());
+    let (mut worker, _listener, addr) = start_on_passed_socket(
+        WorkerCommand::new()
+            .args(["--instance", "not-watched"])
+            .notify_socket(notify.path())
+            .env("WATCHDOG_USEC", "200000")
+            .env("WATCHDOG_PID", "1"),
+    );
+    notify.wait_for("READY=1", PATIENCE);
+    notify.receive_until(Instant::now() + QUIET * 2);
+    assert!(!notify.received().iter().any(|m| m.has("WATCHDOG=1")), "{:#?}", notify.received());
+    assert_still_serves(&mut worker, addr, "not-watched");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stopping: drain on SIGTERM
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_and_leaves_new_connections_queued() {
+    let dir = TestDir::new("drain");
+    let mut notify = NotifySocket::bind(dir.path());
+    let (mut worker, listener, addr) = start_on_passed_socket(
+        WorkerCommand::new().args(["--instance", "drain", "--debug-endpoints"]).notify_socket(notify.path()),
+    );
+    let mut idle = Connection::connect(addr).unwrap();
+    assert_ok_from(&idle.get("/").unwrap(), "drain"); // kept alive, now idle
+    let mut slow = send_get(addr, "/debug/sleep?ms=1500");
+    wait_for_open_connections(addr, 3);
+
+    worker.signal(libc::SIGTERM);
+    notify.wait_for("STOPPING=1", PATIENCE);
+    // The socket stays open (the supervisor, here the test, holds it): a new connection is
+    // queued, not refused, and must not be taken by the draining worker.
+    let mut late = send_get(addr, "/late");
+
+    let response = slow.read_response().expect("the slow request is answered");
+    assert_ok_from(&response, "drain");
+    assert_eq!(response.text(), "slept\n");
+    assert_eq!(response.header("connection"), Some("close"), "a draining worker does not keep alive");
+    assert_eq!(idle.peer_state(), PeerState::Closed, "idle connections are closed by the drain");
+    assert_eq!(worker.exit_code(PATIENCE), 0, "stderr:\n{}", worker.stderr());
+
+    assert_eq!(late.peer_state(), PeerState::Silent);
+    assert_left_in_queue(&listener, b"GET /late ");
+}
+
+#[test]
+fn a_drain_that_outlasts_drain_timeout_exits_1() {
+    let (mut worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args([
+        "--instance",
+        "cut",
+        "--debug-endpoints",
+        "--drain-timeout",
+        "300ms",
+    ]));
+    let mut slow = send_get(addr, "/debug/sleep?ms=5000");
+    wait_for_open_connections(addr, 2);
+
+    worker.signal(libc::SIGTERM);
+    assert_eq!(worker.exit_code(PATIENCE), 1);
+    assert!(worker.stderr().contains("drain timeout (300ms) ran out"), "{}", worker.stderr());
+    assert_eq!(slow.peer_state(), PeerState::Closed, "the cut-off request gets no answer");
+}
+
+#[test]
+fn a_second_sigterm_stops_the_drain_at_once() {
+    let (mut worker, _listener, addr) =
+        start_on_passed_socket(WorkerCommand::new().args(["--instance", "twice", "--debug-endpoints"]));
+    let _slow = send_get(addr, "/debug/sleep?ms=60000");
+    wait_for_open_connections(addr, 2);
+
+    worker.signal(libc::SIGTERM);
+    worker.wait_for_stderr("draining 1 open connections", PATIENCE);
+    worker.signal(libc::SIGTERM);
+    assert_eq!(worker.exit_code(PATIENCE), 1, "the default 30s drain was cut short");
+    assert!(worker.stderr().contains("stopping without waiting for the drain"), "{}", worker.stderr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The watchdog catches a wedged runtime
+
+#[test]
+fn a_wedged_runtime_stops_feeding_the_watchdog_until_it_recovers() {
+    let dir = TestDir::new("wedge");
+    let mut notify = NotifySocket::bind(dir.path());
+    let (mut worker, _listener, addr) = start_on_passed_socket(
+        WorkerCommand::new()
+            .args(["--instance", "wedge", "--debug-endpoints"])
+            .notify_socket(notify.path())
+            .watchdog(200_000),
+    );
+    notify.wait_for_nth("WATCHDOG=1", 3, PATIENCE);
+
+    let wedge = thread::spawn(move || http::get(addr, "/debug/wedge?ms=1500"));
+    while !wedge.is_finished() {
+        notify.receive_until(Instant::now() + Duration::from_millis(50));
+    }
+    let unwedged_at = Instant::now();
+    assert_ok_from(&wedge.join().unwrap(), "wedge");
+    notify.wait_for_nth("WATCHDOG=1", notify.received().iter().filter(|m| m.has("WATCHDOG=1")).count() + 2, PATIENCE);
+
+    let pings: Vec<Instant> = notify.received().iter().filter(|m| m.has("WATCHDOG=1")).map(|m| m.at).collect();
+    let longest_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(longest_gap > Duration::from_secs(1), "no ping may arrive while the runtime is blocked: {pings:?}");
+    assert!(pings.iter().filter(|&&at| at > unwedged_at).count() >= 2, "the pings resume");
+    assert_still_serves(&mut worker, addr, "wedge");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passed fds that are wrong
+
+#[test]
+fn passed_fds_that_are_not_listening_sockets_exit_2_and_say_what_they_are() {
+    let dir = TestDir::new("bad-fds");
+    let file = File::create(dir.join("plain-file")).unwrap();
+    let server = net::listener();
+    let connected = TcpStream::connect(net::addr_of(&server)).unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let cases: [(&str, OwnedFd); 3] = [
+        ("a regular file", file.into()),
+        ("a stream socket that is not listening", connected.into()),
+        ("a Datagram socket", udp.into()),
+    ];
+    for (what, fd) in cases {
+        let stderr = refused_with_exit_2(WorkerCommand::new().pass_fds(vec![fd], None));
+        assert!(stderr.contains(&format!("inherited fd 3 is {what}")), "{what}: {stderr}");
+    }
+}
+
+#[test]
+fn fd_names_that_do_not_match_the_fd_count_exit_2() {
+    let listener = net::listener();
+    let stderr = refused_with_exit_2(WorkerCommand::new().pass_fds(vec![net::dup(&listener)], Some("http:extra")));
+    assert!(stderr.contains("LISTEN_FDNAMES=\"http:extra\" has 2 names but LISTEN_FDS=1"), "{stderr}");
+}
+
+#[test]
+fn fds_passed_to_another_process_are_ignored_and_listen_is_bound() {
+    let passed = net::listener();
+    let own: SocketAddr = format!("127.0.0.1:{}", net::free_port()).parse().unwrap();
+    let mut worker = WorkerCommand::new()
+        .args(["--instance", "own", "--listen", &own.to_string()])
+        .pass_fds(vec![net::dup(&passed)], None)
+        .env("LISTEN_PID", "1")
+        .spawn();
+    drop(net::wait_for_port(own, PATIENCE));
+    assert_ok_from(&http::get(own, "/"), "own");
+    worker.wait_for_stderr("LISTEN_FDS was meant for process 1", PATIENCE);
+
+    let mut ignored = send_get(net::addr_of(&passed), "/ignored");
+    assert_unanswered(&mut ignored);
+    assert_left_in_queue(&passed, b"GET /ignored ");
+    assert_still_serves(&mut worker, own, "own");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Standalone (no supervisor) and choosing among passed sockets
+
+#[test]
+fn standalone_worker_binds_listen_and_stops_on_sigterm() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", net::free_port()).parse().unwrap();
+    let mut worker = WorkerCommand::new().args(["--instance", "alone", "--listen", &addr.to_string()]).spawn();
+    drop(net::wait_for_port(addr, PATIENCE));
+    let response = http::get(addr, "/");
+    assert_ok_from(&response, "alone");
+    assert_eq!(response.text(), BODY);
+    worker.signal(libc::SIGTERM);
+    assert_eq!(worker.exit_code(PATIENCE), 0);
+}
+
+#[test]
+fn a_listen_address_in_use_exits_2() {
+    let taken = net::listener();
+    let addr = net::addr_of(&taken).to_string();
+    let stderr = refused_with_exit_2(WorkerCommand::new().args(["--listen", &addr]));
+    assert!(stderr.contains(&format!("{addr} is already in use")), "{stderr}");
+}
+
+#[test]
+fn standalone_worker_serves_a_unix_socket() {
+    let dir = TestDir::new("unix");
+    let path = dir.join("s.sock");
+    let mut worker =
+        WorkerCommand::new().args(["--instance", "unix", "--listen", &format!("unix:{}", path.display())]).spawn();
+    let mut connection = wait_until(PATIENCE, || Connection::connect_unix(&path).ok()).expect("the socket appears");
+    let response = connection.get("/").unwrap();
+    assert_ok_from(&response, "unix");
+    assert_eq!(response.text(), BODY);
+    assert!(worker.is_running());
+}
+
+/// Starts a worker with two passed sockets named `a` and `b`, plus `args`.
+fn start_with_sockets_a_and_b(args: &[&str]) -> (Worker, TcpListener, TcpListener) {
+    let (a, b) = (net::listener(), net::listener());
+    let worker = WorkerCommand::new().args(args).pass_fds(vec![net::dup(&a), net::dup(&b)], Some("a:b")).spawn();
+    (worker, a, b)
+}
+
+#[test]
+fn listener_name_selects_one_of_the_passed_sockets() {
+    let (mut worker, a, b) = start_with_sockets_a_and_b(&["--instance", "only-b", "--listener-name", "b"]);
+    assert_ok_from(&http::get(net::addr_of(&b), "/"), "only-b");
+    let mut on_a = send_get(net::addr_of(&a), "/on-a");
+    assert_unanswered(&mut on_a);
+    assert_left_in_queue(&a, b"GET /on-a ");
+    assert_still_serves(&mut worker, net::addr_of(&b), "only-b");
+}
+
+#[test]
+fn every_passed_socket_is_served_by_default() {
+    let (_worker, a, b) = start_with_sockets_a_and_b(&["--instance", "both"]);
+    assert_ok_from(&http::get(net::addr_of(&a), "/"), "both");
+    assert_ok_from(&http::get(net::addr_of(&b), "/"), "both");
+}
+
+#[test]
+fn a_listener_name_matching_no_passed_socket_exits_2() {
+    let (mut worker, _a, _b) = start_with_sockets_a_and_b(&["--listener-name", "c"]);
+    assert_eq!(worker.exit_code(PATIENCE), i32::from(EXIT_BAD_INPUT));
+    assert!(worker.stderr().contains("none of the passed sockets is named [\"c\"]"), "{}", worker.stderr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad clients
+
+#[test]
+fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    let (mut worker, _listener, addr) =
+        start_on_passed_socket(WorkerCommand::new().args(["--instance", "slow", "--header-timeout", "1s"]));
+    assert_still_serves(&mut worker, addr, "slow");
+
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let slowloris = thread::spawn(move || {
+        let mut connection = Connection::connect(addr).unwrap();
+        connection.send(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+        connection.set_read_timeout(Duration::from_millis(300)).unwrap();
+        started_tx.send(()).unwrap();
+        let since = Instant::now();
+        while since.elapsed() < PATIENCE {
+            if connection.send(b"x").is_err() {
+                return (since.elapsed(), PeerState::Closed);
+            }
+            match connection.peer_state() {
+                PeerState::Silent => {}
+                other => return (since.elapsed(), other),
+            }
+        }
+        (since.elapsed(), PeerState::Silent)
+    });
+    started.recv().unwrap();
+    assert_ok_from(&http::get(addr, "/"), "slow");
+    assert!(!slowloris.is_finished(), "the normal client was served while the slow one still dripped");
+
+    let (after, state) = slowloris.join().unwrap();
+    assert_eq!(state, PeerState::Closed, "the server closes the slow connection without an answer");
+    assert!(after < Duration::from_secs(5), "cut off after {after:?}, with --header-timeout 1s");
+    assert_still_serves(&mut worker, addr, "slow");
+}
+
+#[test]
+fn a_request_head_over_max_header_bytes_gets_431() {
+    let (mut worker, _listener, addr) =
+        start_on_passed_socket(WorkerCommand::new().args(["--instance", "big", "--max-header-bytes", "8192"]));
+    let just_fits = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Fill: {}\r\nConnection: close\r\n\r\n", "a".repeat(7000));
+    assert_ok_from(&http::request(addr, just_fits.as_bytes()).unwrap(), "big");
+
+    let too_big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Fill: {}\r\n\r\n", "a".repeat(12 * 1024));
+    let response = http::request(addr, too_big.as_bytes()).unwrap();
+    assert_eq!(response.status, 431, "{response:?}");
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_still_serves(&mut worker, addr, "big");
+}
+
+#[test]
+fn malformed_requests_get_400() {
+    let (mut worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args(["--instance", "picky"]));
+    for garbage in [
+        &b"NOT A REQUEST\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    ] {
+        let response = http::request(addr, garbage).unwrap();
+        assert_eq!(response.status, 400, "{:?}: {response:?}", String::from_utf8_lossy(garbage));
+    }
+    assert_still_serves(&mut worker, addr, "picky");
+}
+
+#[test]
+fn healthz_and_metrics_are_answered_for_every_app() {
+    let (_worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args(["--instance", "ops"]));
+    let health = http::get(addr, "/healthz");
+    assert_ok_from(&health, "ops");
+    assert_eq!(health.text(), "ok\n");
+    assert_ok_from(&http::get(addr, "/"), "ops");
+    assert_eq!(http::get(addr, "/nowhere").status, 404);
+    let post =
+        http::request(addr, b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(post.unwrap().status, 405);
+
+    let metrics = http::get(addr, "/metrics");
+    assert_ok_from(&metrics, "ops");
+    assert!(metrics.header("content-type").is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
+    let text = metrics.text();
+    for line in [
+        "sdcluster_http_requests_total{worker=\"ops\",status=\"200\"} 2\n",
+        "sdcluster_http_requests_total{worker=\"ops\",status=\"404\"} 1\n",
+        "sdcluster_http_requests_total{worker=\"ops\",status=\"405\"} 1\n",
+        "sdcluster_connections_open{worker=\"ops\"} 1\n",
+        "sdcluster_connections_accepted_total{worker=\"ops\"} 5\n",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load: the connection cap and the balance between workers
+
+#[test]
+fn connections_over_max_connections_wait_instead_of_being_refused() {
+    let (mut worker, _listener, addr) =
+        start_on_passed_socket(WorkerCommand::new().args(["--instance", "capped", "--max-connections", "1"]));
+    let mut first = Connection::connect(addr).unwrap();
+    assert_ok_from(&first.get("/").unwrap(), "capped");
+
+    let mut second = send_get(addr, "/");
+    assert_unanswered(&mut second);
+    drop(first);
+    assert_ok_from(&second.read_response().expect("served once the first closed"), "capped");
+    assert!(worker.is_running());
+}
+
+#[test]
+fn a_balance_table_spreads_a_burst_evenly_over_two_workers() {
+    let dir = TestDir::new("balanced");
+    let (_workers, listener) = start_cluster(&["w1", "w2"], true, &dir);
+    let answered = answer_a_burst(net::addr_of(&listener));
+    eprintln!("64 connections with a balance table: {answered:?}");
+    for name in ["w1", "w2"] {
+        let n = answered.get(name).copied().unwrap_or(0);
+        assert!((24..=40).contains(&n), "{name} answered {n} of 64: {answered:?}");
+    }
+}
+
+#[test]
+fn without_a_balance_table_a_burst_is_still_served() {
+    let dir = TestDir::new("unbalanced");
+    let (_workers, listener) = start_cluster(&["u1", "u2"], false, &dir);
+    let answered = answer_a_burst(net::addr_of(&listener));
+    // Not asserted: the kernel decides (see docs/design.md); reported for comparison.
+    eprintln!("64 connections without a balance table: {answered:?}");
+    assert_eq!(answered.values().sum::<usize>(), 64);
+    assert!(answered.keys().all(|name| name == "u1" || name == "u2"), "{answered:?}");
+}

@@ -5,8 +5,12 @@
 //! [`balance`] table so that workers sharing one accept queue take turns fairly. Keeping both
 //! sides here means the two supervisors and every worker agree on one definition.
 
+pub mod address;
 pub mod balance;
+pub mod duration;
 pub mod listen_fds;
+pub mod notify;
 
+pub use address::{AddressError, BindError, ListenAddress};
 pub use balance::{BalanceTable, Slot};
 pub use listen_fds::{Inherited, ListenFdsError, Listener, PassedFd};

@@ -46,9 +46,9 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use tokio::signal::unix::{SignalKind, signal};
 
-pub use listeners::{Acquired, ListenError, acquire, bind};
+pub use listeners::{Acquired, ListenError, acquire};
 pub use ops::{Instrumented, OpsBody, WORKER_HEADER};
-pub use options::{Options, parse_duration};
+pub use options::Options;
 pub use sdcluster_protocol::listen_fds;
 pub use serve::{DrainTimedOut, Server};
 pub use stats::Stats;
@@ -97,6 +97,7 @@ where
             return ExitCode::FAILURE;
         }
     };
+    let _span = tracing::info_span!("worker", id = server.stats().instance()).entered();
     runtime.block_on(async {
         let signals = match count_signals() {
             Ok(signals) => signals,

@@ -1,19 +1,11 @@
 //! Where the sockets come from: passed by the supervisor, or bound here when nothing was.
 
 use std::fs::File;
-use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 
 use sdcluster_protocol::listen_fds::{BALANCE_FD_NAME, Inherited};
-use sdcluster_protocol::{ListenFdsError, Listener};
-use socket2::{Domain, Socket, Type};
+use sdcluster_protocol::{AddressError, BindError, ListenAddress, ListenFdsError, Listener};
 
 use crate::options::Options;
-
-/// Kernel backlog for sockets we bind ourselves (capped by `net.core.somaxconn`).
-const BACKLOG: i32 = 4096;
 
 /// The sockets to serve, plus the balance table file when the supervisor shares one.
 #[derive(Debug)]
@@ -43,39 +35,11 @@ pub enum ListenError {
         passed: Vec<String>,
     },
     /// `--listen` is not an address.
-    #[error("--listen {addr:?} is not an address ({reason}); use HOST:PORT, [IPV6]:PORT or unix:/PATH")]
-    BadAddress {
-        /// As given.
-        addr: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Something else holds the address.
-    #[error(
-        "{addr} is already in use by another process: stop that process, choose another --listen, or (for several workers of one app) pass the socket from systemd or `sdcluster run`"
-    )]
-    InUse {
-        /// The address.
-        addr: String,
-    },
-    /// The port needs privileges this process lacks.
-    #[error(
-        "binding {addr} is not permitted ({source}); ports below 1024 need CAP_NET_BIND_SERVICE: let systemd bind it with a socket unit, or choose a port ≥ 1024"
-    )]
-    Denied {
-        /// The address.
-        addr: String,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// Any other failure to bind.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: String,
-        /// The OS error.
-        source: io::Error,
-    },
+    #[error("--listen: {0}")]
+    Address(#[from] AddressError),
+    /// `--listen` could not be bound.
+    #[error("--listen: {0}")]
+    Bind(#[from] BindError),
 }
 
 /// Turns what the supervisor passed into listeners, or binds `--listen` when it passed nothing.
@@ -110,94 +74,9 @@ pub fn acquire(inherited: Inherited, opts: &Options) -> Result<Acquired, ListenE
 }
 
 fn bind_all(opts: &Options) -> Result<Acquired, ListenError> {
-    let listeners = opts.listen.iter().map(|addr| bind(addr, opts.reuseport)).collect::<Result<_, _>>()?;
+    let mut listeners = Vec::new();
+    for addr in &opts.listen {
+        listeners.push(addr.parse::<ListenAddress>()?.bind(opts.reuseport)?);
+    }
     Ok(Acquired { listeners, balance: None, inherited: false })
-}
-
-/// Binds one `--listen` address.
-pub fn bind(addr: &str, reuseport: bool) -> Result<Listener, ListenError> {
-    if let Some(path) = addr.strip_prefix("unix:") {
-        return bind_unix(addr, Path::new(path));
-    }
-    let resolved: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(|e| ListenError::BadAddress { addr: addr.into(), reason: e.to_string() })?
-        .next()
-        .ok_or_else(|| ListenError::BadAddress { addr: addr.into(), reason: "it resolves to nothing".into() })?;
-    let fail = |source: io::Error| match source.kind() {
-        io::ErrorKind::AddrInUse => ListenError::InUse { addr: resolved.to_string() },
-        io::ErrorKind::PermissionDenied => ListenError::Denied { addr: resolved.to_string(), source },
-        _ => ListenError::Bind { addr: resolved.to_string(), source },
-    };
-    let socket =
-        Socket::new(Domain::for_address(resolved), Type::STREAM.nonblocking().cloexec(), None).map_err(fail)?;
-    socket.set_reuse_address(true).map_err(fail)?;
-    if reuseport {
-        socket.set_reuse_port(true).map_err(fail)?;
-    }
-    socket.bind(&resolved.into()).map_err(fail)?;
-    socket.listen(BACKLOG).map_err(fail)?;
-    Ok(Listener::Tcp(socket.into()))
-}
-
-fn bind_unix(addr: &str, path: &Path) -> Result<Listener, ListenError> {
-    if !path.is_absolute() {
-        return Err(ListenError::BadAddress {
-            addr: addr.into(),
-            reason: "a Unix socket path must be absolute".into(),
-        });
-    }
-    // A socket file nobody answers on is left over from a crash: replace it. Anything else
-    // at that path is someone's, and stays.
-    if path.exists() && UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused) {
-        let _ = std::fs::remove_file(path);
-    }
-    let listener = UnixListener::bind(path).map_err(|source| match source.kind() {
-        io::ErrorKind::AddrInUse => ListenError::InUse { addr: addr.into() },
-        io::ErrorKind::PermissionDenied => ListenError::Denied { addr: addr.into(), source },
-        _ => ListenError::Bind { addr: addr.into(), source },
-    })?;
-    listener.set_nonblocking(true).map_err(|source| ListenError::Bind { addr: addr.into(), source })?;
-    Ok(Listener::Unix(listener))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_port_in_use_says_so() {
-        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = taken.local_addr().unwrap().to_string();
-        let err = bind(&addr, false).unwrap_err();
-        assert!(matches!(err, ListenError::InUse { .. }), "{err}");
-        assert!(err.to_string().starts_with(&format!("{addr} is already in use")));
-    }
-
-    #[test]
-    fn reuseport_workers_share_a_port() {
-        let one = bind("127.0.0.1:0", true).unwrap();
-        let two = bind(&one.to_string(), true).unwrap();
-        assert_eq!(one.to_string(), two.to_string());
-    }
-
-    #[test]
-    fn bad_addresses_say_what_to_type() {
-        for bad in ["8080", "localhost:http-alt", "unix:relative.sock", "127.0.0.1:99999"] {
-            let err = bind(bad, false).unwrap_err();
-            assert!(matches!(err, ListenError::BadAddress { .. }), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn a_stale_unix_socket_is_replaced_but_a_live_one_is_not() {
-        let path = std::env::temp_dir().join(format!("sdcluster-bind-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let addr = format!("unix:{}", path.display());
-        drop(bind(&addr, false).unwrap()); // leaves the file behind, like a crash
-        let live = bind(&addr, false).unwrap();
-        assert!(matches!(bind(&addr, false), Err(ListenError::InUse { .. })));
-        drop(live);
-        std::fs::remove_file(&path).unwrap();
-    }
 }

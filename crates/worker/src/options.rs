@@ -55,37 +55,6 @@ pub struct Options {
     pub balance_patience: Duration,
 }
 
-/// Durations as systemd and humans write them: `30s`, `500ms`, `2min`, or bare seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (try 30s, 500ms or 2min)"))?;
-    let scale = match unit.trim() {
-        "" | "s" | "sec" => 1.0,
-        "ms" | "msec" => 1e-3,
-        "us" | "usec" => 1e-6,
-        "m" | "min" => 60.0,
-        "h" | "hr" => 3600.0,
-        other => {
-            return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, min or h)"));
-        }
-    };
-    Duration::try_from_secs_f64(number * scale).map_err(|_| format!("{text:?} is out of range"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
-    }
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    sdcluster_protocol::duration::parse(text)
 }

@@ -120,7 +120,7 @@ impl Server {
         tasks.spawn(Arc::clone(&gate).keep_slot_alive());
         tasks.spawn(notifier.keep_watchdog_fed());
         tasks.spawn(notifier.keep_status_current(Arc::clone(&self.stats), serving.clone()));
-        tracing::info!(worker = self.stats.instance(), balanced = self.balance.is_some(), "serving {serving}");
+        tracing::info!(balanced = self.balance.is_some(), "serving {serving}");
         notifier.ready(&status_line(&serving, &self.stats));
 
         shutdown.await;

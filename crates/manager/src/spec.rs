@@ -1,0 +1,479 @@
+//! One description of an app, from `/etc/sdcluster/APP.toml` or flags, that both supervisors
+//! (systemd units and `sdcluster run`) obey, so the two run the same cluster.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sdcluster_protocol::{ListenAddress, duration};
+use serde::Deserialize;
+
+/// Where `sdcluster` looks for `APP.toml` by default.
+pub const CONFIG_DIR: &str = "/etc/sdcluster";
+/// Listen addresses per app (each instance gets them all as fds).
+pub const MAX_LISTEN: usize = 32;
+/// More instances than this on one machine is a typo, not a plan.
+pub const MAX_INSTANCES: u32 = 1024;
+
+/// A validated app description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Unit-name-safe app name: units are `NAME.socket`, `NAME@.service`, `NAME.target`.
+    pub name: String,
+    /// The worker program (absolute path) and its arguments; any sd_listen_fds program.
+    pub command: Vec<String>,
+    /// Sockets the supervisor binds once and passes to every instance.
+    pub listen: Vec<ListenAddress>,
+    /// How many instances run.
+    pub instances: Instances,
+    /// Extra environment for the workers.
+    pub environment: BTreeMap<String, String>,
+    /// Delay before a dead worker is started again.
+    pub restart_delay: Duration,
+    /// Ceiling of the delay while a worker keeps crashing (the delay doubles per crash).
+    pub restart_max_delay: Duration,
+    /// A worker silent for this long is killed (SIGABRT) and restarted; `None` disables.
+    pub watchdog: Option<Duration>,
+    /// How long a stopping worker may drain before it is killed.
+    pub stop_timeout: Duration,
+    /// Memory cap per worker (systemd `MemoryMax=` syntax), if any.
+    pub memory_max: Option<String>,
+    /// How connections reach the workers.
+    pub balance: Balance,
+    /// Run as this user instead of a dynamic one.
+    pub user: Option<String>,
+    /// Let workers open network connections of their own (off: `PrivateNetwork=yes`).
+    pub outbound_network: bool,
+}
+
+impl Spec {
+    /// How long the reference worker may drain: inside the stop timeout, so that it exits
+    /// by itself before it is killed.
+    pub fn drain_timeout(&self) -> Duration {
+        self.stop_timeout - (self.stop_timeout / 5).min(Duration::from_secs(5))
+    }
+
+    /// The environment every instance gets: the spec's, plus the instance name and the drain
+    /// timeout in the variables the reference worker reads (other programs ignore them).
+    pub fn worker_environment(&self, instance: &str) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.push(("SDCLUSTER_INSTANCE".into(), instance.into()));
+        env.push(("SDCLUSTER_DRAIN_TIMEOUT".into(), duration::to_systemd(self.drain_timeout())));
+        env
+    }
+}
+
+/// `instances = "auto"` or a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// One per CPU this process may run on (affinity and cgroup quota honoured).
+    Auto,
+    /// Exactly this many.
+    Count(u32),
+}
+
+impl Instances {
+    /// The number this means on this machine now.
+    pub fn resolve(self) -> u32 {
+        match self {
+            Self::Count(n) => n,
+            Self::Auto => std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(MAX_INSTANCES),
+        }
+    }
+
+    /// Parses `auto` or a count in 1..=MAX_INSTANCES.
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
+        if text == "auto" {
+            return Ok(Self::Auto);
+        }
+        match text.parse::<i64>() {
+            Ok(n) => Self::count(n),
+            Err(_) => Err(SpecError::Invalid {
+                key: "instances",
+                reason: format!("{text:?} is neither \"auto\" nor a number"),
+            }),
+        }
+    }
+
+    fn count(n: i64) -> Result<Self, SpecError> {
+        match u32::try_from(n) {
+            Ok(n) if (1..=MAX_INSTANCES).contains(&n) => Ok(Self::Count(n)),
+            _ if n < 1 => Err(SpecError::Invalid {
+                key: "instances",
+                reason: format!("{n} instances would serve nothing; use 1 or more, or \"auto\" for one per CPU"),
+            }),
+            _ => Err(SpecError::Invalid {
+                key: "instances",
+                reason: format!("{n} is more than {MAX_INSTANCES}; use \"auto\" for one per CPU"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Instances {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// How connections are spread across instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// One shared accept queue plus a balance table: even, and a restarting worker's
+    /// connections go to the others.
+    #[default]
+    Shared,
+    /// One `SO_REUSEPORT` socket per instance: the kernel spreads by hash; each instance
+    /// has its own queue.
+    Reuseport,
+}
+
+/// What is wrong with an app description; nothing is written when there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type, or an unknown key (with line and column).
+    #[error("{path}: {message}")]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which points at the line.
+        message: String,
+    },
+    /// A value is out of its domain.
+    #[error("invalid {key}: {reason}")]
+    Invalid {
+        /// The key (or flag) at fault.
+        key: &'static str,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> SpecError {
+    SpecError::Invalid { key, reason: reason.into() }
+}
+
+/// The file form; every key optional but `command`, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SpecFile {
+    /// See [`Spec::name`]; defaults to the file's stem.
+    pub name: Option<String>,
+    /// A program and arguments: an array, or a string split at whitespace.
+    pub command: Option<CommandLine>,
+    /// Addresses (`127.0.0.1:8080`, `[::]:80`, `unix:/run/app.sock`).
+    pub listen: Option<Vec<String>>,
+    /// `"auto"` or a number.
+    pub instances: Option<InstancesValue>,
+    /// Extra environment.
+    pub environment: Option<BTreeMap<String, String>>,
+    /// A duration such as `100ms`.
+    pub restart_delay: Option<String>,
+    /// A duration such as `10s`.
+    pub restart_max_delay: Option<String>,
+    /// A duration, or `off`.
+    pub watchdog: Option<String>,
+    /// A duration.
+    pub stop_timeout: Option<String>,
+    /// `MemoryMax=` syntax: `512M`, `2G`, `50%`.
+    pub memory_max: Option<String>,
+    /// `shared` or `reuseport`.
+    pub balance: Option<Balance>,
+    /// A user name; default: a dynamic user.
+    pub user: Option<String>,
+    /// Whether workers may open connections of their own.
+    pub outbound_network: Option<bool>,
+}
+
+/// `command = "/usr/bin/app --flag"` or `command = ["/usr/bin/app", "--flag"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    /// Split at whitespace.
+    Line(String),
+    /// Taken as is.
+    Argv(Vec<String>),
+}
+
+/// `instances = "auto"` or `instances = 4`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum InstancesValue {
+    /// A number.
+    Count(i64),
+    /// `"auto"` (or a number in quotes).
+    Text(String),
+}
+
+impl SpecFile {
+    /// Reads `path`; errors carry the file name and, for TOML, line and column.
+    pub fn read(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.into(), source })?;
+        let mut file: Self =
+            toml::from_str(&text).map_err(|e| SpecError::Toml { path: path.into(), message: e.to_string() })?;
+        if file.name.is_none() {
+            file.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        Ok(file)
+    }
+
+    /// Checks every value and fills in the defaults.
+    pub fn validate(self) -> Result<Spec, SpecError> {
+        let name =
+            self.name.ok_or_else(|| invalid("name", "missing: give the app a name (--name or name = \"...\")"))?;
+        check_name(&name)?;
+        let command = match self.command {
+            None => {
+                return Err(invalid(
+                    "command",
+                    "missing: the worker program to run, e.g. command = \"/usr/bin/sdcluster-worker\"",
+                ));
+            }
+            Some(CommandLine::Line(line)) => line.split_whitespace().map(str::to_owned).collect(),
+            Some(CommandLine::Argv(argv)) => argv,
+        };
+        check_command(&command)?;
+        let listen = self.listen.unwrap_or_else(|| vec!["127.0.0.1:8080".into()]);
+        let listen = check_listen(&listen)?;
+        let instances = match self.instances {
+            None => Instances::Auto,
+            Some(InstancesValue::Count(n)) => Instances::count(n)?,
+            Some(InstancesValue::Text(t)) => Instances::parse(&t)?,
+        };
+        let environment = self.environment.unwrap_or_default();
+        for (key, value) in &environment {
+            let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(invalid("environment", format!("{key:?} is not a variable name (letters, digits, _)")));
+            }
+            if value.contains(['\n', '\0']) {
+                return Err(invalid("environment", format!("the value of {key} has a newline or NUL")));
+            }
+        }
+        let span = |key: &'static str, value: Option<String>, default: &str| {
+            duration::parse(value.as_deref().unwrap_or(default)).map_err(|e| invalid(key, e))
+        };
+        let restart_delay = span("restart-delay", self.restart_delay, "100ms")?;
+        let restart_max_delay = span("restart-max-delay", self.restart_max_delay, "10s")?;
+        if restart_max_delay < restart_delay {
+            return Err(invalid("restart-max-delay", "it must not be shorter than restart-delay"));
+        }
+        let watchdog = match self.watchdog.as_deref() {
+            Some("off" | "0" | "0s") => None,
+            other => Some(span("watchdog", other.map(str::to_owned), "10s")?),
+        };
+        let stop_timeout = span("stop-timeout", self.stop_timeout, "30s")?;
+        if stop_timeout < Duration::from_secs(1) {
+            return Err(invalid("stop-timeout", "leave workers at least 1s to drain"));
+        }
+        if let Some(m) = &self.memory_max {
+            check_memory(m)?;
+        }
+        if let Some(user) = &self.user {
+            let valid = !user.is_empty()
+                && user.len() <= 32
+                && user.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                && !user.starts_with('-');
+            if !valid {
+                return Err(invalid("user", format!("{user:?} is not a user name")));
+            }
+        }
+        Ok(Spec {
+            name,
+            command,
+            listen,
+            instances,
+            environment,
+            restart_delay,
+            restart_max_delay,
+            watchdog,
+            stop_timeout,
+            memory_max: self.memory_max,
+            balance: self.balance.unwrap_or_default(),
+            user: self.user,
+            outbound_network: self.outbound_network.unwrap_or(false),
+        })
+    }
+}
+
+/// Unit-name rules (systemd.unit(5)), narrowed to what is safe in paths and shells.
+pub fn check_name(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && !name.ends_with(".service")
+        && !name.ends_with(".socket");
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "name",
+            format!(
+                "{name:?} can't name units: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, without a unit suffix (no '@', spaces or '/')"
+            ),
+        ))
+    }
+}
+
+fn check_command(command: &[String]) -> Result<(), SpecError> {
+    let Some(program) = command.first() else { return Err(invalid("command", "it is empty")) };
+    let path = Path::new(program);
+    if !path.is_absolute() {
+        return Err(invalid(
+            "command",
+            format!(
+                "{program:?} is not an absolute path (systemd runs no $PATH search for you; try `command -v {program}`)"
+            ),
+        ));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(invalid("command", format!("{program} is not an executable file"))),
+        Err(e) => Err(invalid("command", format!("{program}: {e}"))),
+    }
+}
+
+fn check_listen(listen: &[String]) -> Result<Vec<ListenAddress>, SpecError> {
+    if listen.is_empty() {
+        return Err(invalid("listen", "no address: give at least one, e.g. listen = [\"127.0.0.1:8080\"]"));
+    }
+    if listen.len() > MAX_LISTEN {
+        return Err(invalid("listen", format!("{} addresses; at most {MAX_LISTEN} per app", listen.len())));
+    }
+    let mut out: Vec<ListenAddress> = Vec::new();
+    for text in listen {
+        let addr: ListenAddress =
+            text.parse().map_err(|e: sdcluster_protocol::AddressError| invalid("listen", e.to_string()))?;
+        if let ListenAddress::Tcp(a) = &addr {
+            if a.port() == 0 {
+                return Err(invalid(
+                    "listen",
+                    format!(
+                        "{text}: port 0 would be a different random port for every bind; choose a port from 1 to 65535"
+                    ),
+                ));
+            }
+        }
+        if out.contains(&addr) {
+            return Err(invalid("listen", format!("{text} is listed twice")));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn check_memory(m: &str) -> Result<(), SpecError> {
+    let digits = m.trim_end_matches(['K', 'M', 'G', 'T', '%']);
+    let ok = m == "infinity"
+        || (!digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) && m.len() - digits.len() <= 1);
+    if ok { Ok(()) } else { Err(invalid("memory-max", format!("{m:?} is not a size (512M, 2G, 50%, infinity)"))) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<Spec, SpecError> {
+        let file: SpecFile =
+            toml::from_str(text).map_err(|e| SpecError::Toml { path: "t.toml".into(), message: e.to_string() })?;
+        file.validate()
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let spec = from_toml("name = \"web\"\ncommand = \"/bin/sh -c true\"").unwrap();
+        assert_eq!(spec.command, ["/bin/sh", "-c", "true"]);
+        assert_eq!(spec.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(spec.instances, Instances::Auto);
+        assert_eq!(spec.restart_delay, Duration::from_millis(100));
+        assert_eq!(spec.watchdog, Some(Duration::from_secs(10)));
+        assert_eq!(spec.balance, Balance::Shared);
+        assert!(!spec.outbound_network);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_line_number() {
+        let err = from_toml("name = \"web\"\ncommand = \"/bin/sh\"\ninstance = 3\n").unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("unknown field `instance`"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_have_line_numbers() {
+        let err = from_toml("name = \"web\"\ncommand = [\"/bin/sh\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 2") || err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn instance_counts() {
+        assert_eq!(Instances::parse("auto").unwrap(), Instances::Auto);
+        assert_eq!(Instances::parse("4").unwrap(), Instances::Count(4));
+        assert!(Instances::parse("0").unwrap_err().to_string().contains("would serve nothing"));
+        assert!(Instances::parse("-3").unwrap_err().to_string().contains("would serve nothing"));
+        assert!(Instances::parse("5000").unwrap_err().to_string().contains("more than 1024"));
+        assert!(Instances::parse("many").unwrap_err().to_string().contains("neither"));
+        assert!(Instances::Auto.resolve() >= 1);
+    }
+
+    #[test]
+    fn names_follow_unit_rules() {
+        for good in ["app", "my-app_2", "api.v2"] {
+            check_name(good).unwrap();
+        }
+        for bad in ["", "a@b", "a b", "../x", "-x", "app.service", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn commands_must_be_absolute_and_exist() {
+        let err = |c: &str| from_toml(&format!("name = \"a\"\ncommand = \"{c}\"")).unwrap_err().to_string();
+        assert!(err("sdcluster-worker").contains("not an absolute path"));
+        assert!(err("/no/such/worker").contains("No such file"));
+        let plain = std::env::temp_dir().join(format!("sdcluster-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        assert!(err(&plain.display().to_string()).contains("not an executable"));
+        std::fs::remove_file(plain).unwrap();
+    }
+
+    #[test]
+    fn listen_addresses_are_checked() {
+        let err = |l: &str| {
+            from_toml(&format!("name = \"a\"\ncommand = \"/bin/sh\"\nlisten = [{l}]")).unwrap_err().to_string()
+        };
+        assert!(err("\"127.0.0.1:0\"").contains("port 0"));
+        assert!(err("\"127.0.0.1:70000\"").contains("0 to 65535"));
+        assert!(err("\"1.2.3.4:80\", \"1.2.3.4:80\"").contains("twice"));
+        assert!(err("").contains("no address"));
+        let ok =
+            from_toml("name = \"a\"\ncommand = \"/bin/sh\"\nlisten = [\"[::]:80\", \"unix:/run/a.sock\"]").unwrap();
+        assert_eq!(ok.listen.len(), 2);
+    }
+
+    #[test]
+    fn other_values_are_checked() {
+        let err = |kv: &str| from_toml(&format!("name = \"a\"\ncommand = \"/bin/sh\"\n{kv}")).unwrap_err().to_string();
+        assert!(err("restart-delay = \"soon\"").contains("invalid restart-delay"));
+        assert!(err("restart-delay = \"20s\"").contains("restart-max-delay"));
+        assert!(err("stop-timeout = \"10ms\"").contains("at least 1s"));
+        assert!(err("memory-max = \"lots\"").contains("not a size"));
+        assert!(err("environment = { \"A B\" = \"x\" }").contains("not a variable name"));
+        assert!(err("user = \"-root\"").contains("not a user name"));
+        assert!(err("balance = \"random\"").contains("unknown variant"));
+        assert_eq!(from_toml("name = \"a\"\ncommand = \"/bin/sh\"\nwatchdog = \"off\"").unwrap().watchdog, None);
+    }
+}

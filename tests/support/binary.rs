@@ -1,0 +1,52 @@
+//! Where the worker binary under test lives, and building it when it is missing or stale.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The `sdcluster-worker` binary of the profile these tests were built with, up to date.
+///
+/// Integration tests of one package do not build another package's binaries, so a plain
+/// `cargo test --workspace` on a clean checkout would find none: the first call runs
+/// `cargo build -p sdcluster-worker --bin sdcluster-worker` (a no-op when it is current, so a
+/// binary left from an older build is never tested by mistake). Later calls reuse the path.
+pub fn worker_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| build("sdcluster-worker", "sdcluster-worker"))
+}
+
+/// `target/<profile>/`: the test executable runs from its `deps/` folder.
+fn profile_dir() -> PathBuf {
+    let exe = env::current_exe().expect("the test executable's path");
+    let deps = exe.parent().expect("the test executable is in a folder");
+    let dir = if deps.file_name().is_some_and(|n| n == "deps") { deps.parent().unwrap_or(deps) } else { deps };
+    dir.to_path_buf()
+}
+
+/// Builds `bin` of `package` with the profile of `target/<profile>/` and returns its path.
+fn build(package: &str, bin: &str) -> PathBuf {
+    let dir = profile_dir();
+    let binary = dir.join(bin);
+    let mut cargo = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--quiet", "-p", package, "--bin", bin]);
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cargo.arg("--release");
+        }
+        Some(custom) => {
+            cargo.args(["--profile", custom]);
+        }
+    }
+    match cargo.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => panic!("building {bin} failed ({status}): {cargo:?}"),
+        // No cargo here (a copied test executable): test the binary beside it, if any.
+        Err(e) if binary.exists() => eprintln!("cannot run cargo ({e}); testing the existing {}", binary.display()),
+        Err(e) => panic!("{} is missing and cargo cannot build it: {e}", binary.display()),
+    }
+    assert!(binary.exists(), "cargo built {bin} but it is not at {}", binary.display());
+    binary
+}

@@ -1,0 +1,328 @@
+//! A throw-away machine with systemd as PID 1, for tests: the Rust face of `tests/sdbox`.
+//!
+//! `SdBox::shared()` boots one box per test binary (booting is the slow part) and leaves it
+//! up until the test process exits; `SdBox::up(name)` boots a box of one's own, halted on drop.
+//! Either way `tests/sdbox` halts a box by itself once the test process is gone, so a test
+//! that crashes or is killed leaves nothing behind.
+//!
+//! Booting needs root. When it can't boot, a test is skipped (`None`, with a note on stderr)
+//! only when it runs as another user outside CI; as root, or when `CI` is set, it fails.
+//!
+//! By default a box shares the host's network namespace: the test connects from the host to
+//! the ports the box's socket units bind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The script this wraps.
+pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/sdbox");
+
+/// Where [`SdBox::install_worker`] puts the worker in the box.
+pub const GUEST_WORKER: &str = "/usr/local/bin/sdcluster-worker";
+
+/// A running box; see the module documentation.
+#[derive(Debug)]
+pub struct SdBox {
+    name: String,
+    /// Halted on drop (false for the shared box, which lives as long as the process).
+    owned: bool,
+}
+
+impl SdBox {
+    /// Boots (or joins, if already up) the box `name` ([A-Za-z0-9-]); it is halted on drop.
+    /// `None`: skipped, because this test can't be root here and isn't running on CI.
+    pub fn up(name: &str) -> Option<SdBox> {
+        match boot(name) {
+            Ok(()) => Some(SdBox { name: name.to_owned(), owned: true }),
+            Err(Unavailable::Skip(why)) => {
+                eprintln!("SKIPPED: no systemd box: {why}");
+                None
+            }
+            Err(Unavailable::Fail(why)) => panic!("{why}"),
+        }
+    }
+
+    /// The box of this test binary, booted by the first test that asks and shared by all its
+    /// tests (so give their units distinct names and ports). It is halted shortly after the
+    /// process exits. `None`: skipped, as for [`SdBox::up`].
+    pub fn shared() -> Option<&'static SdBox> {
+        static SHARED: OnceLock<Result<SdBox, Unavailable>> = OnceLock::new();
+        let shared = SHARED.get_or_init(|| {
+            let name = format!("{}-{}", binary_stem(), std::process::id());
+            boot(&name).map(|()| SdBox { name, owned: false })
+        });
+        match shared {
+            Ok(sdbox) => Some(sdbox),
+            Err(Unavailable::Skip(why)) => {
+                eprintln!("SKIPPED: no systemd box: {why}");
+                None
+            }
+            Err(Unavailable::Fail(why)) => panic!("{why}"),
+        }
+    }
+
+    /// The box's name (also its host name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `argv` in the box (its namespaces, a clean environment) and returns what it did,
+    /// whatever its exit status; panics only when the command can't be run at all.
+    pub fn exec(&self, argv: &[&str]) -> Output {
+        self.exec_with_input(argv, &[])
+    }
+
+    /// [`SdBox::exec`] with `input` on the command's stdin.
+    pub fn exec_with_input(&self, argv: &[&str], input: &[u8]) -> Output {
+        let mut cmd = self.script();
+        cmd.arg("exec").args(argv).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("[{}] cannot run {SCRIPT}: {e}", self.name));
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let input = input.to_vec();
+        // Fed from a thread, so that a command writing much before it reads can't deadlock us;
+        // one that doesn't read its stdin closes the pipe: not our failure.
+        let feeder = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output();
+        let _ = feeder.join();
+        out.unwrap_or_else(|e| panic!("[{}] waiting for `{}`: {e}", self.name, argv.join(" ")))
+    }
+
+    /// Runs `argv` in the box; its stdout, with trailing whitespace trimmed. Panics, showing
+    /// the command, its exit status, stdout and stderr, unless it exits 0.
+    pub fn exec_ok(&self, argv: &[&str]) -> String {
+        let out = self.exec(argv);
+        self.checked(&argv.join(" "), out)
+    }
+
+    /// Runs the shell `script` (`sh -c`) in the box and returns what it did.
+    pub fn sh(&self, script: &str) -> Output {
+        self.exec(&["sh", "-c", script])
+    }
+
+    /// Runs the shell `script` in the box; its trimmed stdout. Panics unless it exits 0.
+    pub fn sh_ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        self.checked(script, out)
+    }
+
+    /// Copies the host file `host` to exactly `guest` (mode kept, parent directories made),
+    /// or the host directory `host` as the directory `guest`.
+    pub fn copy_in(&self, host: impl AsRef<Path>, guest: &str) {
+        let host = host.as_ref();
+        let out = self
+            .script()
+            .arg("cp-in")
+            .arg(host)
+            .arg(guest)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("[{}] cannot run {SCRIPT}: {e}", self.name));
+        self.checked(&format!("cp-in {} {guest}", host.display()), out);
+    }
+
+    /// Writes `contents` to the file `guest` in the box (for unit files and configuration).
+    pub fn write_file(&self, guest: &str, contents: &str) {
+        let argv = ["sh", "-c", "mkdir -p \"$(dirname \"$1\")\" && cat >\"$1\"", "sh", guest];
+        let out = self.exec_with_input(&argv, contents.as_bytes());
+        self.checked(&format!("write {guest}"), out);
+    }
+
+    /// `systemctl ARGS...` in the box; its trimmed stdout. Panics unless it exits 0.
+    pub fn systemctl(&self, args: &[&str]) -> String {
+        let mut argv = vec!["systemctl", "--no-pager"];
+        argv.extend_from_slice(args);
+        self.exec_ok(&argv)
+    }
+
+    /// One property of a unit (`systemctl show -p PROPERTY --value UNIT`).
+    pub fn property(&self, unit: &str, property: &str) -> String {
+        self.systemctl(&["show", "-p", property, "--value", unit])
+    }
+
+    /// Waits up to 30 s for `unit` to be active (a `Type=notify` service: ready); panics with
+    /// its status and journal otherwise, or at once if it failed.
+    pub fn wait_active(&self, unit: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let state = self.property(unit, "ActiveState");
+            match state.as_str() {
+                "active" => return,
+                "failed" => self.fail_unit(unit, "failed"),
+                _ if Instant::now() >= deadline => self.fail_unit(unit, &format!("still {state} after 30s")),
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// `systemctl status` and the journal of the units matching `pattern`, for failure reports.
+    pub fn diagnose(&self, pattern: &str) -> String {
+        let status = self.exec(&["systemctl", "--no-pager", "--full", "status", pattern]);
+        let journal = self.exec(&["journalctl", "--no-pager", "-o", "short-monotonic", "-n", "80", "-u", pattern]);
+        format!(
+            "--- systemctl status {pattern}\n{}{}--- journalctl -u {pattern}\n{}{}",
+            String::from_utf8_lossy(&status.stdout),
+            String::from_utf8_lossy(&status.stderr),
+            String::from_utf8_lossy(&journal.stdout),
+            String::from_utf8_lossy(&journal.stderr),
+        )
+    }
+
+    /// Copies the host's build of `sdcluster-worker` (see [`worker_binary`]) to
+    /// [`GUEST_WORKER`] and checks that it runs there; returns the guest path.
+    pub fn install_worker(&self) -> &'static str {
+        self.copy_in(worker_binary(), GUEST_WORKER);
+        let out = self.exec(&[GUEST_WORKER, "--version"]);
+        if !out.status.success() {
+            panic!(
+                "[{}] the worker built on this host doesn't run in the box (a newer glibc here than in \
+                 the box's Debian? set SDBOX_SUITE):\n{}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        GUEST_WORKER
+    }
+
+    fn fail_unit(&self, unit: &str, what: &str) -> ! {
+        panic!("[{}] {unit} {what}\n{}", self.name, self.diagnose(unit))
+    }
+
+    fn checked(&self, what: &str, out: Output) -> String {
+        if !out.status.success() {
+            panic!(
+                "[{}] `{what}` failed ({})\n--- stdout\n{}--- stderr\n{}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+    }
+
+    fn script(&self) -> Command {
+        let mut cmd = Command::new(SCRIPT);
+        cmd.env("SDBOX_NAME", &self.name);
+        cmd
+    }
+}
+
+impl Drop for SdBox {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        match self.script().arg("down").stdin(Stdio::null()).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                eprintln!("[{}] sdbox down: {}: {}", self.name, out.status, String::from_utf8_lossy(&out.stderr))
+            }
+            Err(e) => eprintln!("[{}] cannot run {SCRIPT} down: {e}", self.name),
+        }
+    }
+}
+
+/// Why there is no box.
+#[derive(Debug)]
+enum Unavailable {
+    /// Not our environment: skip the test.
+    Skip(String),
+    /// Should have worked: fail the test.
+    Fail(String),
+}
+
+fn boot(name: &str) -> Result<(), Unavailable> {
+    let on_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    if !is_root() {
+        let why = "booting a box needs root (run the tests with sudo, or as root)".to_owned();
+        return Err(if on_ci { Unavailable::Fail(why) } else { Unavailable::Skip(why) });
+    }
+    let started = Instant::now();
+    let out = Command::new(SCRIPT)
+        .arg("up")
+        .env("SDBOX_NAME", name)
+        .env("SDBOX_OWNER_PID", std::process::id().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Unavailable::Fail(format!("cannot run {SCRIPT}: {e}")))?;
+    if !out.status.success() {
+        return Err(Unavailable::Fail(format!(
+            "`SDBOX_NAME={name} {SCRIPT} up` failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    eprintln!("[{name}] box up in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // The effective uid: the second field of "Uid:" in /proc/self/status.
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status.lines().any(|l| l.strip_prefix("Uid:").and_then(|ids| ids.split_whitespace().nth(1)) == Some("0"))
+    })
+}
+
+/// The test binary's name without cargo's hash (`systemd-0123abcd` → `systemd`), as a valid
+/// box name.
+fn binary_stem() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe.as_deref().and_then(Path::file_stem).and_then(|s| s.to_str()).unwrap_or("test");
+    let stem = stem.rsplit_once('-').map_or(stem, |(name, _hash)| name);
+    let stem: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(24).collect();
+    if stem.is_empty() { "test".to_owned() } else { stem }
+}
+
+/// The host's `sdcluster-worker`, from the target directory this test was built in
+/// (`target/<profile>/deps/<test>` → `target/<profile>/sdcluster-worker`). When it is missing
+/// (`cargo test` of this package alone doesn't build other packages' binaries) it is built with
+/// `$CARGO build -p sdcluster-worker --bin sdcluster-worker` and the same profile.
+pub fn worker_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test executable's path");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+            let binary = profile_dir.join("sdcluster-worker");
+            if !binary.exists() {
+                build_worker(profile_dir);
+            }
+            assert!(binary.exists(), "{} is missing after building it", binary.display());
+            binary
+        })
+        .clone()
+}
+
+fn build_worker(profile_dir: &Path) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let profile = profile_dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
+    let target_dir = profile_dir.parent().expect("target/<profile>");
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "-p", "sdcluster-worker", "--bin", "sdcluster-worker"])
+        .args(["--profile", if profile == "debug" { "dev" } else { profile }])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    eprintln!("building the worker: {cmd:?}");
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {}: {e}", cargo.to_string_lossy()));
+    assert!(status.success(), "{cmd:?} failed ({status})");
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`; panics naming
+/// `what` when time runs out.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
