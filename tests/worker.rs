@@ -99,12 +99,11 @@ fn refused_with_exit_2(command: WorkerCommand) -> String {
 
 /// Starts one worker per name on one shared socket, as `bench/cluster.py` and `sdcluster run`
 /// do (fd 3 the socket, fd 4 the balance table when `balanced`), and waits until every one
-/// reported READY=1.
-fn start_cluster(names: &[&str], balanced: bool, dir: &TestDir) -> (Vec<Worker>, TcpListener) {
+/// reported READY=1 to `notify`.
+fn start_cluster(names: &[&str], balanced: bool, notify: &mut NotifySocket) -> (Vec<Worker>, TcpListener) {
     let listener = net::listener();
     let table = balanced.then(|| net::memfd(c"sdcluster-balance"));
     let fd_names = if balanced { format!("http:{BALANCE_FD_NAME}") } else { "http".to_owned() };
-    let mut notify = NotifySocket::bind(dir.path());
     let workers = names
         .iter()
         .map(|name| {
@@ -142,7 +141,7 @@ fn answer_a_burst(addr: SocketAddr) -> BTreeMap<String, usize> {
 fn socket_activated_worker_serves_the_passed_socket_and_reports_to_its_supervisor() {
     let dir = TestDir::new("activated");
     let mut notify = NotifySocket::bind(dir.path());
-    let addr: SocketAddr = format!("127.0.0.1:{}", net::free_port()).parse().unwrap();
+    let addr = net::free_addr();
     let mut worker = WorkerCommand::new()
         .args(["--instance", "activated-1"])
         .notify_socket(notify.path())
@@ -156,9 +155,9 @@ fn socket_activated_worker_serves_the_passed_socket_and_reports_to_its_superviso
     let status = ready.value("STATUS").expect("READY=1 comes with a STATUS=");
     assert!(status.contains(&addr.to_string()) && status.contains("requests"), "{status}");
 
-    for (path, status) in [("/", 200), ("/healthz", 200), ("/metrics", 200), ("/nowhere", 404)] {
+    for (path, expected) in [("/", 200), ("/healthz", 200), ("/metrics", 200), ("/nowhere", 404)] {
         let response = http::get(addr, path);
-        assert_eq!((response.status, response.worker()), (status, Some("activated-1")), "GET {path}");
+        assert_eq!((response.status, response.worker()), (expected, Some("activated-1")), "GET {path}");
     }
     assert_eq!(http::get(addr, "/").text(), BODY);
     // STATUS= is kept current as requests are answered.
@@ -203,13 +202,13 @@ fn sigterm_finishes_the_request_in_flight_and_leaves_new_connections_queued() {
     let mut idle = Connection::connect(addr).unwrap();
     assert_ok_from(&idle.get("/").unwrap(), "drain"); // kept alive, now idle
     let mut slow = send_get(addr, "/debug/sleep?ms=1500");
-    wait_for_open_connections(addr, 3);
+    wait_for_open_connections(addr, 3); // idle, slow, and the one asking
 
     worker.signal(libc::SIGTERM);
     notify.wait_for("STOPPING=1", PATIENCE);
     // The socket stays open (the supervisor, here the test, holds it): a new connection is
     // queued, not refused, and must not be taken by the draining worker.
-    let mut late = send_get(addr, "/late");
+    let _late = send_get(addr, "/late");
 
     let response = slow.read_response().expect("the slow request is answered");
     assert_ok_from(&response, "drain");
@@ -218,7 +217,7 @@ fn sigterm_finishes_the_request_in_flight_and_leaves_new_connections_queued() {
     assert_eq!(idle.peer_state(), PeerState::Closed, "idle connections are closed by the drain");
     assert_eq!(worker.exit_code(PATIENCE), 0, "stderr:\n{}", worker.stderr());
 
-    assert_eq!(late.peer_state(), PeerState::Silent);
+    // Left for the next worker: the request sits unread in the socket's queue.
     assert_left_in_queue(&listener, b"GET /late ");
 }
 
@@ -248,7 +247,7 @@ fn a_second_sigterm_stops_the_drain_at_once() {
     wait_for_open_connections(addr, 2);
 
     worker.signal(libc::SIGTERM);
-    worker.wait_for_stderr("draining 1 open connections", PATIENCE);
+    worker.wait_for_stderr("send it again to stop at once", PATIENCE);
     worker.signal(libc::SIGTERM);
     assert_eq!(worker.exit_code(PATIENCE), 1, "the default 30s drain was cut short");
     assert!(worker.stderr().contains("stopping without waiting for the drain"), "{}", worker.stderr());
@@ -273,14 +272,13 @@ fn a_wedged_runtime_stops_feeding_the_watchdog_until_it_recovers() {
     while !wedge.is_finished() {
         notify.receive_until(Instant::now() + Duration::from_millis(50));
     }
-    let unwedged_at = Instant::now();
     assert_ok_from(&wedge.join().unwrap(), "wedge");
-    notify.wait_for_nth("WATCHDOG=1", notify.received().iter().filter(|m| m.has("WATCHDOG=1")).count() + 2, PATIENCE);
+    let pings_so_far = notify.received().iter().filter(|m| m.has("WATCHDOG=1")).count();
+    notify.wait_for_nth("WATCHDOG=1", pings_so_far + 2, PATIENCE); // they resume
 
     let pings: Vec<Instant> = notify.received().iter().filter(|m| m.has("WATCHDOG=1")).map(|m| m.at).collect();
     let longest_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     assert!(longest_gap > Duration::from_secs(1), "no ping may arrive while the runtime is blocked: {pings:?}");
-    assert!(pings.iter().filter(|&&at| at > unwedged_at).count() >= 2, "the pings resume");
     assert_still_serves(&mut worker, addr, "wedge");
 }
 
@@ -315,7 +313,7 @@ fn fd_names_that_do_not_match_the_fd_count_exit_2() {
 #[test]
 fn fds_passed_to_another_process_are_ignored_and_listen_is_bound() {
     let passed = net::listener();
-    let own: SocketAddr = format!("127.0.0.1:{}", net::free_port()).parse().unwrap();
+    let own = net::free_addr();
     let mut worker = WorkerCommand::new()
         .args(["--instance", "own", "--listen", &own.to_string()])
         .pass_fds(vec![net::dup(&passed)], None)
@@ -336,7 +334,7 @@ fn fds_passed_to_another_process_are_ignored_and_listen_is_bound() {
 
 #[test]
 fn standalone_worker_binds_listen_and_stops_on_sigterm() {
-    let addr: SocketAddr = format!("127.0.0.1:{}", net::free_port()).parse().unwrap();
+    let addr = net::free_addr();
     let mut worker = WorkerCommand::new().args(["--instance", "alone", "--listen", &addr.to_string()]).spawn();
     drop(net::wait_for_port(addr, PATIENCE));
     let response = http::get(addr, "/");
@@ -508,9 +506,28 @@ fn connections_over_max_connections_wait_instead_of_being_refused() {
 }
 
 #[test]
+fn a_silent_connection_cannot_hold_the_last_slot_past_header_timeout() {
+    let (mut worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args([
+        "--instance",
+        "guarded",
+        "--max-connections",
+        "1",
+        "--header-timeout",
+        "1s",
+    ]));
+    // First in the queue, so accepted first; then it holds the only slot, sending nothing.
+    let mut silent = Connection::connect(addr).unwrap();
+    let mut waiting = send_get(addr, "/");
+    assert_eq!(silent.peer_state(), PeerState::Closed, "a client that sends nothing is closed");
+    assert_ok_from(&waiting.read_response().expect("served once the silent one was closed"), "guarded");
+    assert!(worker.is_running());
+}
+
+#[test]
 fn a_balance_table_spreads_a_burst_evenly_over_two_workers() {
     let dir = TestDir::new("balanced");
-    let (_workers, listener) = start_cluster(&["w1", "w2"], true, &dir);
+    let mut notify = NotifySocket::bind(dir.path());
+    let (_workers, listener) = start_cluster(&["w1", "w2"], true, &mut notify);
     let answered = answer_a_burst(net::addr_of(&listener));
     eprintln!("64 connections with a balance table: {answered:?}");
     for name in ["w1", "w2"] {
@@ -522,7 +539,8 @@ fn a_balance_table_spreads_a_burst_evenly_over_two_workers() {
 #[test]
 fn without_a_balance_table_a_burst_is_still_served() {
     let dir = TestDir::new("unbalanced");
-    let (_workers, listener) = start_cluster(&["u1", "u2"], false, &dir);
+    let mut notify = NotifySocket::bind(dir.path());
+    let (_workers, listener) = start_cluster(&["u1", "u2"], false, &mut notify);
     let answered = answer_a_burst(net::addr_of(&listener));
     // Not asserted: the kernel decides (see docs/design.md); reported for comparison.
     eprintln!("64 connections without a balance table: {answered:?}");

@@ -5,10 +5,12 @@
 //! parallel, so each one gets its own folder ([`TestDir`]), ports and sockets.
 
 mod binary;
+pub mod cluster;
 pub mod http;
 pub mod net;
 mod notify;
 mod process;
+pub mod sdbox;
 mod tempdir;
 
 use std::time::{Duration, Instant};
@@ -31,4 +33,3 @@ pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
         std::thread::sleep(Duration::from_millis(10));
     }
 }
-pub mod sdbox;

@@ -16,6 +16,11 @@ pub fn free_port() -> u16 {
     listener().local_addr().expect("local address").port()
 }
 
+/// A loopback address with a free port (see [`free_port`]).
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// The local address of `listener`.
 pub fn addr_of(listener: &TcpListener) -> SocketAddr {
     listener.local_addr().expect("local address")

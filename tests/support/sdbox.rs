@@ -12,10 +12,12 @@
 //! the ports the box's socket units bind.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::{wait_until, worker_binary};
 
 /// The script this wraps.
 pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/sdbox");
@@ -29,6 +31,8 @@ pub struct SdBox {
     name: String,
     /// Halted on drop (false for the shared box, which lives as long as the process).
     owned: bool,
+    /// Set once the worker is in the box.
+    worker: OnceLock<()>,
 }
 
 impl SdBox {
@@ -36,7 +40,7 @@ impl SdBox {
     /// `None`: skipped, because this test can't be root here and isn't running on CI.
     pub fn up(name: &str) -> Option<SdBox> {
         match boot(name) {
-            Ok(()) => Some(SdBox { name: name.to_owned(), owned: true }),
+            Ok(()) => Some(SdBox { name: name.to_owned(), owned: true, worker: OnceLock::new() }),
             Err(Unavailable::Skip(why)) => {
                 eprintln!("SKIPPED: no systemd box: {why}");
                 None
@@ -52,7 +56,7 @@ impl SdBox {
         static SHARED: OnceLock<Result<SdBox, Unavailable>> = OnceLock::new();
         let shared = SHARED.get_or_init(|| {
             let name = format!("{}-{}", binary_stem(), std::process::id());
-            boot(&name).map(|()| SdBox { name, owned: false })
+            boot(&name).map(|()| SdBox { name, owned: false, worker: OnceLock::new() })
         });
         match shared {
             Ok(sdbox) => Some(sdbox),
@@ -147,15 +151,16 @@ impl SdBox {
     /// Waits up to 30 s for `unit` to be active (a `Type=notify` service: ready); panics with
     /// its status and journal otherwise, or at once if it failed.
     pub fn wait_active(&self, unit: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let state = self.property(unit, "ActiveState");
-            match state.as_str() {
-                "active" => return,
-                "failed" => self.fail_unit(unit, "failed"),
-                _ if Instant::now() >= deadline => self.fail_unit(unit, &format!("still {state} after 30s")),
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
+        let timeout = Duration::from_secs(30);
+        let state = wait_until(timeout, || match self.property(unit, "ActiveState").as_str() {
+            "active" => Some("active".to_owned()),
+            "failed" => Some("failed".to_owned()),
+            _ => None,
+        });
+        match state.as_deref() {
+            Some("active") => {}
+            Some(state) => self.fail_unit(unit, state),
+            None => self.fail_unit(unit, &format!("not active after {timeout:?}")),
         }
     }
 
@@ -172,19 +177,21 @@ impl SdBox {
         )
     }
 
-    /// Copies the host's build of `sdcluster-worker` (see [`worker_binary`]) to
-    /// [`GUEST_WORKER`] and checks that it runs there; returns the guest path.
+    /// Copies the host's `sdcluster-worker` (built if missing or stale: [`worker_binary`]) to
+    /// [`GUEST_WORKER`], once per box, and checks that it runs there; returns the guest path.
     pub fn install_worker(&self) -> &'static str {
-        self.copy_in(worker_binary(), GUEST_WORKER);
-        let out = self.exec(&[GUEST_WORKER, "--version"]);
-        if !out.status.success() {
-            panic!(
-                "[{}] the worker built on this host doesn't run in the box (a newer glibc here than in \
-                 the box's Debian? set SDBOX_SUITE):\n{}",
+        self.worker.get_or_init(|| {
+            self.copy_in(worker_binary(), GUEST_WORKER);
+            let out = self.exec(&[GUEST_WORKER, "--version"]);
+            assert!(
+                out.status.success(),
+                "[{}] the worker built on this host doesn't run in the box (built against a newer \
+                 glibc than the box's Debian has? set SDBOX_SUITE): {}\n{}",
                 self.name,
+                out.status,
                 String::from_utf8_lossy(&out.stderr)
             );
-        }
+        });
         GUEST_WORKER
     }
 
@@ -277,52 +284,4 @@ fn binary_stem() -> String {
     let stem = stem.rsplit_once('-').map_or(stem, |(name, _hash)| name);
     let stem: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(24).collect();
     if stem.is_empty() { "test".to_owned() } else { stem }
-}
-
-/// The host's `sdcluster-worker`, from the target directory this test was built in
-/// (`target/<profile>/deps/<test>` → `target/<profile>/sdcluster-worker`). When it is missing
-/// (`cargo test` of this package alone doesn't build other packages' binaries) it is built with
-/// `$CARGO build -p sdcluster-worker --bin sdcluster-worker` and the same profile.
-pub fn worker_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("the test executable's path");
-            let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-            let binary = profile_dir.join("sdcluster-worker");
-            if !binary.exists() {
-                build_worker(profile_dir);
-            }
-            assert!(binary.exists(), "{} is missing after building it", binary.display());
-            binary
-        })
-        .clone()
-}
-
-fn build_worker(profile_dir: &Path) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let profile = profile_dir.file_name().and_then(|p| p.to_str()).unwrap_or("debug");
-    let target_dir = profile_dir.parent().expect("target/<profile>");
-    let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "-p", "sdcluster-worker", "--bin", "sdcluster-worker"])
-        .args(["--profile", if profile == "debug" { "dev" } else { profile }])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    eprintln!("building the worker: {cmd:?}");
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {}: {e}", cargo.to_string_lossy()));
-    assert!(status.success(), "{cmd:?} failed ({status})");
-}
-
-/// Polls `probe` every 50 ms until it returns `Some`, for at most `timeout`; panics naming
-/// `what` when time runs out.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

@@ -5,6 +5,10 @@
 //! systemd's part with the same protocol. Either way [`status`] reports the same view.
 
 pub mod control;
+pub mod install;
 pub mod spec;
 pub mod status;
 pub mod supervisor;
+pub mod systemctl;
+pub mod systemd;
+pub mod units;

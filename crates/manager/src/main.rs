@@ -5,10 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use sdcluster::control;
-use sdcluster::spec::{Balance, CONFIG_DIR, CommandLine, InstancesValue, SpecFile};
-use sdcluster::status::ClusterStatus;
+use sdcluster::spec::{Balance, CONFIG_DIR, CommandLine, Instances, InstancesValue, Spec, SpecFile, check_name};
 use sdcluster::supervisor::Supervisor;
+use sdcluster::{control, install, systemctl, systemd, units};
 
 /// Run a network service on every CPU: one worker process per CPU sharing one port.
 #[derive(Parser)]
@@ -20,6 +19,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print the units for an app (or write them into --output DIR).
+    Generate {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Write the unit files into this directory instead of printing them.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Write the units into /etc/systemd/system, reload systemd and enable them.
+    Install {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Replace unit files that were edited since sdcluster wrote them.
+        #[arg(long)]
+        force: bool,
+        /// Also start the app.
+        #[arg(long)]
+        now: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Stop and disable the app and remove its unit files.
+    Uninstall {
+        /// The app.
+        app: String,
+        /// Remove unit files even if they were edited.
+        #[arg(long)]
+        force: bool,
+        /// Operate on this root instead of / (no systemctl calls but offline ones).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Start the socket and every enabled worker.
+    Start {
+        /// The app.
+        app: String,
+    },
+    /// Stop the workers (each drains its requests) and the socket.
+    Stop {
+        /// The app.
+        app: String,
+    },
     /// Supervise the workers here, without systemd (laptops, containers, CI).
     Run(SpecArgs),
     /// Show every instance: pid, state, uptime, restarts, memory, CPU, status line.
@@ -34,17 +77,48 @@ enum Command {
     Restart {
         /// The app.
         app: String,
-        /// One at a time (the only way sdcluster restarts).
-        #[arg(long)]
+        /// One at a time, waiting for READY=1 (the only way sdcluster restarts).
+        #[arg(long, required = true)]
         rolling: bool,
     },
-    /// Change the number of instances of a running cluster.
+    /// Change the number of instances, live and for good.
     Scale {
         /// The app.
         app: String,
         /// A count, or "auto" for one per CPU.
         instances: String,
     },
+    /// Show the logs of every unit of the app (journalctl).
+    Logs {
+        /// The app.
+        app: String,
+        /// Keep printing new entries.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many recent entries to show.
+        #[arg(long, short = 'n')]
+        lines: Option<u32>,
+    },
+}
+
+/// Which systemd and which root the units are for.
+#[derive(Args)]
+struct TargetArgs {
+    /// Render for this systemd version (default: the installed one).
+    #[arg(long)]
+    systemd_version: Option<u32>,
+    /// Install under this root instead of / (offline: nothing is started).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+}
+
+impl TargetArgs {
+    fn version(&self) -> Result<u32> {
+        match self.systemd_version {
+            Some(v) => Ok(v),
+            None => Ok(systemctl::version().context("cannot tell the systemd version; pass --systemd-version")?),
+        }
+    }
 }
 
 /// An app description: APP.toml and/or flags (flags win).
@@ -85,17 +159,23 @@ struct SpecArgs {
 }
 
 impl SpecArgs {
-    fn spec_file(self) -> Result<SpecFile> {
-        let mut file = match &self.config {
-            None => SpecFile::default(),
-            Some(c) => {
-                let path = if c.contains('/') || c.ends_with(".toml") {
-                    PathBuf::from(c)
-                } else {
-                    PathBuf::from(CONFIG_DIR).join(format!("{c}.toml"))
-                };
-                SpecFile::read(&path)?
+    /// The validated spec, and where it came from (for unit headers).
+    fn resolve(self) -> Result<(Spec, PathBuf)> {
+        let path = self.config.as_ref().map(|c| {
+            if c.contains('/') || c.ends_with(".toml") {
+                PathBuf::from(c)
+            } else {
+                PathBuf::from(CONFIG_DIR).join(format!("{c}.toml"))
             }
+        });
+        let source = path.clone().unwrap_or_else(|| "command-line flags".into());
+        Ok((self.spec_file(path)?.validate()?, source))
+    }
+
+    fn spec_file(self, path: Option<PathBuf>) -> Result<SpecFile> {
+        let mut file = match &path {
+            None => SpecFile::default(),
+            Some(path) => SpecFile::read(path)?,
         };
         if self.name.is_some() {
             file.name = self.name;
@@ -148,32 +228,86 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let dir = control::runtime_dir();
     match cli.command {
+        Command::Generate { spec, output, target } => {
+            let (spec, source) = spec.resolve()?;
+            let units = units::render(&spec, target.version()?, &source);
+            match output {
+                None => {
+                    for unit in &units {
+                        println!("# {}\n{}", unit.name, unit.content);
+                    }
+                }
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                    for unit in &units {
+                        let path = dir.join(&unit.name);
+                        install::write_atomically(&path, unit.content.as_bytes())
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        println!("{}", path.display());
+                    }
+                }
+            }
+        }
+        Command::Install { spec, force, now, target } => {
+            let (spec, source) = spec.resolve()?;
+            let units = units::render(&spec, target.version()?, &source);
+            for change in systemd::install(&spec, &units, &target.root, force)? {
+                println!("{change}");
+            }
+            println!("enabled {}.socket, {}.target and {} instances", spec.name, spec.name, spec.instances.resolve());
+            if now {
+                systemd::start(&spec.name)?;
+                println!("started {}", spec.name);
+            }
+        }
+        Command::Uninstall { app, force, root } => {
+            check_name(&app)?;
+            systemd::uninstall(&app, &root, force)?;
+            println!("removed {app}");
+        }
+        Command::Start { app } => systemd::start(&app)?,
+        Command::Stop { app } => systemd::stop(&app)?,
         Command::Run(args) => {
-            let spec = args.spec_file()?.validate()?;
+            let (spec, _) = args.resolve()?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(async {
-                let supervisor = Supervisor::bind(spec, dir)?;
-                supervisor.run().await
-            })?;
-            Ok(ExitCode::SUCCESS)
+            runtime.block_on(async { Supervisor::bind(spec, dir)?.run().await })?;
         }
         Command::Status { app, json } => {
-            let answer = control::request(&dir, &app, "status")?;
-            let status: ClusterStatus =
-                serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer}"))?;
+            let status = match control::request(&dir, &app, "status") {
+                Ok(answer) => serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer}"))?,
+                Err(_) => systemd::status(&app)?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status.table());
             }
-            Ok(ExitCode::SUCCESS)
         }
-        Command::Restart { app, rolling: _ } => answer(control::request(&dir, &app, "restart")?),
-        Command::Scale { app, instances } => answer(control::request(&dir, &app, &format!("scale {instances}"))?),
+        Command::Restart { app, rolling: _ } => match control::request(&dir, &app, "restart") {
+            Ok(answer) => return print_answer(answer),
+            Err(_) => {
+                let n = systemd::rolling_restart(&app, |unit| eprintln!("restarting {unit}"))?;
+                println!("restarted {n} instances one at a time");
+            }
+        },
+        Command::Scale { app, instances } => {
+            let n = Instances::parse(&instances)?;
+            match control::request(&dir, &app, &format!("scale {n}")) {
+                Ok(answer) => return print_answer(answer),
+                Err(_) => {
+                    let (from, to) = systemd::scale(&app, n)?;
+                    println!("{app}: {from} -> {to} instances");
+                }
+            }
+        }
+        Command::Logs { app, follow, lines } => {
+            return Err(systemd::logs(&app, follow, lines)).context("cannot run journalctl");
+        }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn answer(text: String) -> Result<ExitCode> {
+fn print_answer(text: String) -> Result<ExitCode> {
     match text.strip_prefix("error: ") {
         Some(e) => bail!("{e}"),
         None => {

@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 /// Where `sdcluster` looks for `APP.toml` by default.
 pub const CONFIG_DIR: &str = "/etc/sdcluster";
+/// Longest app name: it also names the workers' shared user, `sdc-NAME`, and user names
+/// should stay within 31 characters.
+pub const MAX_NAME: usize = 27;
 /// Listen addresses per app (each instance gets them all as fds).
 pub const MAX_LISTEN: usize = 32;
 /// More instances than this on one machine is a typo, not a plan.
@@ -312,7 +315,7 @@ impl SpecFile {
 /// Unit-name rules (systemd.unit(5)), narrowed to what is safe in paths and shells.
 pub fn check_name(name: &str) -> Result<(), SpecError> {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_NAME
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
         && !name.ends_with(".service")
@@ -434,7 +437,7 @@ mod tests {
         for good in ["app", "my-app_2", "api.v2"] {
             check_name(good).unwrap();
         }
-        for bad in ["", "a@b", "a b", "../x", "-x", "app.service", &"x".repeat(65)] {
+        for bad in ["", "a@b", "a b", "../x", "-x", "app.service", &"x".repeat(28)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }

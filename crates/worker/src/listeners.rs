@@ -70,6 +70,15 @@ pub fn acquire(inherited: Inherited, opts: &Options) -> Result<Acquired, ListenE
     if acquired.listeners.is_empty() {
         return Err(ListenError::NoneNamed { wanted: opts.listener_names.clone(), passed: names });
     }
+    if let (None, Some(path)) = (&acquired.balance, &opts.balance_file) {
+        match File::options().read(true).write(true).create(true).truncate(false).open(path) {
+            Ok(file) => acquired.balance = Some(file),
+            Err(e) => tracing::warn!(
+                "cannot open the balance file {} ({e}): serving without balancing; check the unit's RuntimeDirectory= or unset SDCLUSTER_BALANCE_FILE",
+                path.display()
+            ),
+        }
+    }
     Ok(acquired)
 }
 

@@ -49,6 +49,11 @@ pub struct Options {
     #[arg(long, env = "SDCLUSTER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
+    /// A file shared by all workers of the app through which they balance load (units set
+    /// it; `sdcluster run` passes a shared memory fd instead). Created if missing.
+    #[arg(long, env = "SDCLUSTER_BALANCE_FILE")]
+    pub balance_file: Option<std::path::PathBuf>,
+
     /// How long a worker above its fair share leaves a waiting connection to its peers before
     /// taking it anyway (a peer may be busy); only with a shared balance table.
     #[arg(long, env = "SDCLUSTER_BALANCE_PATIENCE", default_value = "20ms", value_parser = parse_duration)]

@@ -1,0 +1,328 @@
+//! `sdcluster run` as its users start it: the `sdcluster` binary, a [`Cluster`] guard around
+//! one supervisor with its own runtime folder, port and app name, and the `sdcluster status`,
+//! `restart` and `scale` commands pointed at it.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use sdcluster::status::{ClusterStatus, InstanceStatus};
+
+use crate::{TestDir, net, wait_until};
+
+/// Generous bound for anything a cluster does (start, restart, answer a command): only
+/// reached when something is wrong.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// The `sdcluster` binary of the profile these tests were built with, up to date.
+///
+/// As for the worker (`crate::worker_binary`), the first call runs `cargo build -p sdcluster
+/// --bin sdcluster` (a no-op when it is current); without cargo, the binary already beside the
+/// test executable is used.
+pub fn sdcluster_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let deps = exe.parent().expect("the test executable is in a folder");
+        let dir = if deps.file_name().is_some_and(|n| n == "deps") { deps.parent().unwrap_or(deps) } else { deps };
+        let binary = dir.join("sdcluster");
+        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+        cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "--quiet",
+            "-p",
+            "sdcluster",
+            "--bin",
+            "sdcluster",
+        ]);
+        match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cargo.arg("--release");
+            }
+            Some(profile) => {
+                cargo.args(["--profile", profile]);
+            }
+        }
+        match cargo.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => panic!("building sdcluster failed ({status}): {cargo:?}"),
+            Err(e) if binary.exists() => eprintln!("cannot run cargo ({e}); testing the existing {}", binary.display()),
+            Err(e) => panic!("{} is missing and cargo cannot build it: {e}", binary.display()),
+        }
+        assert!(binary.exists(), "cargo built sdcluster but it is not at {}", binary.display());
+        binary
+    })
+}
+
+/// `sdcluster ARGS` with `SDCLUSTER_RUNTIME_DIR=runtime_dir`, none of the test's own
+/// supervisor variables (`LISTEN_*`, `NOTIFY_SOCKET`, ...), and logs at `info`.
+pub fn sdcluster_command(runtime_dir: &Path) -> Command {
+    let mut command = Command::new(sdcluster_binary());
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if ["SDCLUSTER_", "LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "RUST_LOG"].iter().any(|p| key.starts_with(p)) {
+            command.env_remove(&*key);
+        }
+    }
+    command.env("SDCLUSTER_RUNTIME_DIR", runtime_dir).env("RUST_LOG", "info").stdin(Stdio::null());
+    command
+}
+
+/// Runs `sdcluster ARGS` to completion (it must end within [`PATIENCE`]) and returns its
+/// output. For commands that should fail fast, such as `sdcluster run` with a bad config.
+pub fn sdcluster_output(runtime_dir: &Path, args: &[&str]) -> Output {
+    let mut child = sdcluster_command(runtime_dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start sdcluster {args:?}: {e}"));
+    if wait_until(PATIENCE, || child.try_wait().expect("try_wait")).is_none() {
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("collect output");
+        panic!("sdcluster {args:?} still ran after {PATIENCE:?}; stderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    child.wait_with_output().expect("collect output")
+}
+
+/// One `sdcluster run` on `127.0.0.1:<free port>` with its own runtime folder and app name,
+/// its stderr (and its workers', which inherit it) collected.
+///
+/// Dropping it freezes the supervisor, SIGKILLs the workers it started, then the supervisor:
+/// nothing outlives the test, even a wedged worker. A failing test prints the stderr.
+pub struct Cluster {
+    child: Child,
+    name: String,
+    addr: SocketAddr,
+    dir: TestDir,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+    exited: Option<ExitStatus>,
+}
+
+impl Cluster {
+    /// Starts `sdcluster run --name NAME --listen 127.0.0.1:PORT ARGS -- COMMAND` and returns
+    /// at once; see [`Cluster::wait_running`].
+    pub fn start(name: &str, args: &[&str], command: &[&str]) -> Self {
+        let dir = TestDir::new(&format!("run-{name}"));
+        let addr: SocketAddr = ([127, 0, 0, 1], net::free_port()).into();
+        let listen = addr.to_string();
+        let mut run = sdcluster_command(dir.path());
+        run.args(["run", "--name", name, "--listen", &listen]).args(args).arg("--").args(command);
+        run.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = run.spawn().unwrap_or_else(|e| panic!("cannot start {run:?}: {e}"));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let sink = Arc::clone(&stderr);
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(&buf[..n]);
+            }
+        });
+        Self { child, name: name.to_owned(), addr, dir, stderr, reader: Some(reader), exited: None }
+    }
+
+    /// Starts `instances` reference workers (with `--debug-endpoints`) and waits until every
+    /// one of them is running.
+    pub fn of_workers(name: &str, instances: u32, args: &[&str]) -> Self {
+        let count = instances.to_string();
+        let worker = crate::worker_binary().to_str().expect("a UTF-8 path");
+        let cluster = Self::start(name, &[&["--instances", &count][..], args].concat(), &[worker, "--debug-endpoints"]);
+        cluster.wait_running(instances as usize);
+        cluster
+    }
+
+    /// The app name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The listening address every worker serves.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `SDCLUSTER_RUNTIME_DIR` of this cluster (control and notify sockets).
+    pub fn runtime_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The supervisor's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs `sdcluster ARGS` against this cluster's runtime folder; returns its output.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        sdcluster_output(self.runtime_dir(), args)
+    }
+
+    /// Runs `sdcluster ARGS`, asserts success, and returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let output = self.ctl(args);
+        assert!(
+            output.status.success(),
+            "sdcluster {args:?} failed ({}): {}\nsupervisor stderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.stderr()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `sdcluster status APP --json`, parsed; `None` while the supervisor does not answer.
+    pub fn try_status(&self) -> Option<ClusterStatus> {
+        let output = self.ctl(&["status", &self.name, "--json"]);
+        if !output.status.success() {
+            return None;
+        }
+        let json = String::from_utf8_lossy(&output.stdout);
+        Some(
+            serde_json::from_str(&json)
+                .unwrap_or_else(|e| panic!("status --json is not a ClusterStatus ({e}):\n{json}")),
+        )
+    }
+
+    /// `sdcluster status APP --json`, parsed; panics if it fails.
+    pub fn status(&self) -> ClusterStatus {
+        self.try_status().unwrap_or_else(|| panic!("sdcluster status failed; supervisor stderr:\n{}", self.stderr()))
+    }
+
+    /// The pids of the instances that have one, in instance order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.status().instances.iter().filter_map(|i| i.pid).collect()
+    }
+
+    /// Polls the status until `probe` returns `Some` (the supervisor may not answer yet), for
+    /// at most [`PATIENCE`]; panics with `what`, the last status and the stderr otherwise.
+    pub fn wait_until<T>(&self, what: &str, mut probe: impl FnMut(&ClusterStatus) -> Option<T>) -> T {
+        let mut last = None;
+        let found = wait_until(PATIENCE, || {
+            let status = self.try_status()?;
+            let found = probe(&status);
+            last = Some(status);
+            found
+        });
+        found.unwrap_or_else(|| {
+            panic!("{what}: not within {PATIENCE:?}; last status: {last:#?}\nsupervisor stderr:\n{}", self.stderr())
+        })
+    }
+
+    /// Waits until exactly `n` instances are listed, each `running` with a pid; returns that
+    /// status.
+    pub fn wait_running(&self, n: usize) -> ClusterStatus {
+        self.wait_until(&format!("{n} instances running"), |s| {
+            let all = s.instances.len() == n && s.instances.iter().all(|i| i.state == "running" && i.pid.is_some());
+            all.then(|| s.clone())
+        })
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the supervisor.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, which has not been reaped while we hold it.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill {signal}: {}", std::io::Error::last_os_error());
+    }
+
+    /// What the supervisor and its workers wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+
+    /// Waits up to [`PATIENCE`] until `probe` finds something in the stderr; panics otherwise.
+    pub fn wait_for_stderr<T>(&self, what: &str, mut probe: impl FnMut(&str) -> Option<T>) -> T {
+        wait_until(PATIENCE, || probe(&self.stderr()))
+            .unwrap_or_else(|| panic!("{what}: not logged within {PATIENCE:?}; stderr:\n{}", self.stderr()))
+    }
+
+    /// Waits up to `timeout` for the supervisor to exit and returns how; panics if it runs on.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = wait_until(timeout, || self.poll_exit())
+            .unwrap_or_else(|| panic!("sdcluster run still runs after {timeout:?}; stderr:\n{}", self.stderr()));
+        if status.signal().is_none() {
+            // Its workers are gone too (it waits for them), so the pipe is closed: read it all.
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
+        }
+        status
+    }
+
+    fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.poll_exit().is_none() {
+            let pid = self.pid() as libc::pid_t;
+            // Frozen, it starts no new worker while its children are killed; SIGKILL last, so
+            // that it cannot restart them.
+            // SAFETY: kill(2) on our own unreaped child and on its own children.
+            unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+                for worker in children_of(self.pid()) {
+                    libc::kill(worker as libc::pid_t, libc::SIGKILL);
+                }
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- stderr of sdcluster run --name {} ---\n{}", self.name, self.stderr());
+        }
+    }
+}
+
+/// The pids whose parent is `parent`, from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| proc_stat(pid).is_some_and(|(_, ppid)| ppid == parent))
+        .collect()
+}
+
+/// Whether process `pid` still runs: it exists and is not a zombie (an orphan's zombie is
+/// reaped by PID 1 at its own pace, and holds no sockets).
+pub fn is_alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// The state letter and parent pid of `pid`, from `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command name (which may contain anything): state, ppid, ...
+    let mut fields = stat.rsplit_once(") ")?.1.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Waits up to `timeout` until no process of `pids` runs; panics naming the survivors.
+pub fn wait_all_gone(pids: &[u32], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let alive: Vec<u32> = pids.iter().copied().filter(|&p| is_alive(p)).collect();
+        if alive.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "processes {alive:?} still run after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
