@@ -1,0 +1,711 @@
+//! `sdcluster run` end to end: a real supervisor starting real workers on one shared port,
+//! driven the ways its users drive it (signals, `sdcluster status/restart/scale`, crashes,
+//! `kill -9`), with clients hammering the port throughout.
+//!
+//! Each test runs its own cluster (own app name, runtime folder and port, see
+//! [`Cluster`]), so the tests run in parallel. Waits are generous bounds polled often; no test
+//! passes or fails on how fast something happened, only on what happened.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, ErrorKind};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use sdcluster_tests::cluster::{Cluster, ClusterStatus, PATIENCE, is_alive, sdcluster_output, wait_all_gone};
+use sdcluster_tests::http::{self, Connection, Response};
+use sdcluster_tests::{TestDir, net, wait_until};
+
+/// What the reference worker answers on `/`.
+const BODY: &str = "this is dead simple";
+
+// ---------------------------------------------------------------------------------------------
+// Load: client threads that keep requesting while the cluster is restarted under them.
+
+/// How a load thread talks to the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// A new connection per request (`Connection: close`).
+    Fresh,
+    /// One connection for as long as the server keeps it open, then a new one.
+    KeepAlive,
+}
+
+/// What the requests of one or more load threads came to.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Answered 200 with the expected body.
+    ok: u64,
+    /// `connect()` was refused: nothing listened on the port at that moment.
+    refused: u64,
+    /// A kept-alive connection was closed or reset by the server before any answer to its
+    /// next request: the request went out again on a new connection, as HTTP clients do for
+    /// idempotent requests (RFC 9112, 9.3.1). Only the retry's outcome is counted above.
+    retried: u64,
+    /// Anything else: no (complete) answer, or not a 200.
+    failed: u64,
+    /// The first few failures, for the report.
+    errors: Vec<String>,
+    /// Every `x-sdcluster-worker` seen.
+    workers: BTreeSet<String>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.refused += other.refused;
+        self.retried += other.retried;
+        self.failed += other.failed;
+        self.workers.extend(other.workers);
+        let room = 10usize.saturating_sub(self.errors.len());
+        self.errors.extend(other.errors.into_iter().take(room));
+    }
+
+    fn record(&mut self, outcome: io::Result<Response>) {
+        match outcome {
+            Ok(response) if response.status == 200 && response.text() == BODY => {
+                self.ok += 1;
+                self.workers.extend(response.worker().map(str::to_owned));
+            }
+            Ok(response) => self.fail(format!("unexpected answer {response:?}")),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => self.refused += 1,
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    fn fail(&mut self, error: String) {
+        self.failed += 1;
+        if self.errors.len() < 10 {
+            self.errors.push(error);
+        }
+    }
+}
+
+/// Load threads requesting `/` until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    threads: Vec<(Client, JoinHandle<Tally>)>,
+}
+
+impl Load {
+    /// Starts one thread per entry of `clients` against `addr`.
+    fn start(addr: SocketAddr, clients: &[Client]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let threads = clients
+            .iter()
+            .map(|&client| {
+                let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
+                (client, thread::spawn(move || run_client(addr, client, &stop, &answered)))
+            })
+            .collect();
+        Self { stop, answered, threads }
+    }
+
+    /// Waits until `n` more requests than now were answered (whatever the outcome): the
+    /// clients are really running through whatever happens next.
+    fn wait_for_progress(&self, n: u64) {
+        let target = self.answered.load(Ordering::Relaxed) + n;
+        let done = wait_until(PATIENCE, || (self.answered.load(Ordering::Relaxed) >= target).then_some(()));
+        assert!(done.is_some(), "the load made no progress: {} requests in {PATIENCE:?}", n);
+    }
+
+    /// Stops the threads and returns the tallies of the fresh-connection and the keep-alive
+    /// clients.
+    fn stop(mut self) -> (Tally, Tally) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut fresh, mut kept) = (Tally::default(), Tally::default());
+        for (client, thread) in std::mem::take(&mut self.threads) {
+            let tally = thread.join().expect("a load thread panicked");
+            match client {
+                Client::Fresh => fresh.add(tally),
+                Client::KeepAlive => kept.add(tally),
+            }
+        }
+        (fresh, kept)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn run_client(addr: SocketAddr, client: Client, stop: &AtomicBool, answered: &AtomicU64) -> Tally {
+    let mut tally = Tally::default();
+    let mut kept: Option<Connection<TcpStream>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let outcome = match client {
+            Client::Fresh => http::request(addr, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+            Client::KeepAlive => keep_alive_request(addr, &mut kept, &mut tally),
+        };
+        tally.record(outcome);
+        answered.fetch_add(1, Ordering::Relaxed);
+    }
+    tally
+}
+
+/// `GET /` on the kept connection (or a new one), retrying once on a new connection when a
+/// reused one turns out closed.
+fn keep_alive_request(
+    addr: SocketAddr,
+    kept: &mut Option<Connection<TcpStream>>,
+    tally: &mut Tally,
+) -> io::Result<Response> {
+    if let Some(mut connection) = kept.take() {
+        match connection.get("/") {
+            Ok(response) => {
+                if !closes(&response) {
+                    *kept = Some(connection);
+                }
+                return Ok(response);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::BrokenPipe
+                        | ErrorKind::ConnectionAborted
+                ) =>
+            {
+                tally.retried += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut connection = Connection::connect(addr)?;
+    let response = connection.get("/")?;
+    if !closes(&response) {
+        *kept = Some(connection);
+    }
+    Ok(response)
+}
+
+/// Whether the server announced that it closes the connection after `response`.
+fn closes(response: &Response) -> bool {
+    response.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+}
+
+/// Prints a tally for the test log.
+fn report(what: &str, tally: &Tally) {
+    eprintln!(
+        "{what}: {} ok, {} refused, {} failed, {} kept-alive connections closed under a request and retried; workers {:?}; errors {:?}",
+        tally.ok, tally.refused, tally.failed, tally.retried, tally.workers, tally.errors
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other helpers
+
+/// The instance names and pids of `status`, as a map.
+fn pids_by_instance(status: &ClusterStatus) -> BTreeMap<String, u32> {
+    status.instances.iter().filter_map(|i| Some((i.instance.clone(), i.pid?))).collect()
+}
+
+/// Sends `signal` to process `pid`.
+fn kill(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill -{signal} {pid}: {}", io::Error::last_os_error());
+}
+
+/// Waits until nothing accepts connections on `addr` any more; panics otherwise.
+fn wait_refused(addr: SocketAddr) {
+    let refused = wait_until(PATIENCE, || match TcpStream::connect(addr) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Some(()),
+        _ => None,
+    });
+    assert!(refused.is_some(), "{addr} still accepts connections after {PATIENCE:?}");
+}
+
+/// The stderr of a finished command, for messages.
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A worker command that only leaves a mark: proof, by its absence, that nothing was started.
+fn marker_worker(dir: &TestDir) -> (PathBuf, PathBuf) {
+    let marker = dir.join("worker-started");
+    let script = dir.join("marker-worker.sh");
+    std::fs::write(&script, format!("#!/bin/sh\ntouch '{}'\nexit 1\n", marker.display())).expect("write a script");
+    make_executable(&script);
+    (script, marker)
+}
+
+fn make_executable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod 755");
+}
+
+/// A `Duration` as its `Debug` form prints it (`100ms`, `1.6s`, `250µs`).
+fn parse_debug_duration(text: &str) -> Option<Duration> {
+    let (number, scale) = [("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9), ("s", 1.0)]
+        .iter()
+        .find_map(|&(unit, scale)| Some((text.strip_suffix(unit)?, scale)))?;
+    Some(Duration::from_secs_f64(number.parse::<f64>().ok()? * scale))
+}
+
+/// Seconds since midnight of a log line's RFC 3339 timestamp (`2026-01-02T03:04:05.678901Z`).
+fn log_time(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1.strip_suffix('Z')?;
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// The fixture written in Python, run through `/usr/bin/env python3`.
+fn python_worker() -> Option<Vec<String>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/py-worker.py");
+    let found = Command::new("python3").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if !found.is_ok_and(|s| s.success()) {
+        eprintln!("python3 is not installed: skipping");
+        return None;
+    }
+    Some(vec!["/usr/bin/env".into(), "python3".into(), script.display().to_string()])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// Three workers come up on one port, `status` shows them (JSON and table), and the balance
+/// table spreads a burst of connections over all three.
+#[test]
+fn three_workers_share_one_port_and_the_load() {
+    let cluster = Cluster::of_workers("spread", 3, &[]);
+    let status = cluster.status();
+    assert_eq!((status.app.as_str(), status.supervisor.as_str()), ("spread", "sdcluster run"));
+    assert_eq!(status.listen, [cluster.addr().to_string()]);
+    let names: Vec<&str> = status.instances.iter().map(|i| i.instance.as_str()).collect();
+    assert_eq!(names, ["1", "2", "3"]);
+    for instance in &status.instances {
+        let pid = instance.pid.expect("a running instance has a pid");
+        assert!(is_alive(pid), "pid {pid} of instance {} is not running", instance.instance);
+        assert_eq!(instance.restarts, 0);
+        assert!(instance.memory_bytes.is_some_and(|m| m > 0), "{instance:?}");
+    }
+    // Each worker's STATUS= reaches the status view (it reports within a second).
+    let status = cluster.wait_until("every worker's STATUS= line", |s| {
+        let serving = format!("serving {}", cluster.addr());
+        s.instances.iter().all(|i| i.status_text.starts_with(&serving)).then(|| s.clone())
+    });
+
+    let table = cluster.ctl_ok(&["status", "spread"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 5, "a title, a header and 3 rows:\n{table}");
+    assert!(lines[0].starts_with("spread (sdcluster run)"), "{table}");
+    let header: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(header, ["INSTANCE", "PID", "STATE", "UPTIME", "RESTARTS", "MEMORY", "CPU", "STATUS"], "{table}");
+    for (row, instance) in lines[2..].iter().zip(&status.instances) {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells[0], instance.instance, "{table}");
+        assert_eq!(cells[1], instance.pid.unwrap().to_string(), "{table}");
+        assert_eq!(cells[2], "running", "{table}");
+        assert!(row.contains("serving"), "the STATUS column: {table}");
+    }
+
+    // A burst of 30 connections, all open at once, then one request on each.
+    let mut connections: Vec<Connection<TcpStream>> =
+        (0..30).map(|_| Connection::connect(cluster.addr()).expect("connect")).collect();
+    let mut spread: BTreeMap<String, usize> = BTreeMap::new();
+    for connection in &mut connections {
+        let response = connection.get("/").expect("an answer");
+        assert_eq!((response.status, response.text().as_str()), (200, BODY));
+        *spread.entry(response.worker().expect("x-sdcluster-worker").to_owned()).or_default() += 1;
+    }
+    eprintln!("30 simultaneous keep-alive connections were spread {spread:?}");
+    assert_eq!(spread.keys().map(String::as_str).collect::<Vec<_>>(), ["1", "2", "3"], "{spread:?}");
+}
+
+/// `kill -9` of one worker under load: it is restarted (new pid, `restarts` 1), the port never
+/// refuses a connection, and only requests the dead worker held can fail.
+#[test]
+fn a_killed_worker_is_replaced_without_refusing_connections() {
+    let cluster = Cluster::of_workers("kill9", 2, &[]);
+    let before = pids_by_instance(&cluster.status());
+    let clients = [Client::Fresh, Client::KeepAlive, Client::KeepAlive];
+    let load = Load::start(cluster.addr(), &clients);
+    load.wait_for_progress(200);
+
+    let victim = before["1"];
+    kill(victim, libc::SIGKILL);
+    let after = cluster.wait_until("instance 1 replaced", |s| {
+        let one = s.instances.iter().find(|i| i.instance == "1")?;
+        (one.state == "running" && one.pid.is_some_and(|p| p != victim)).then(|| s.clone())
+    });
+    load.wait_for_progress(200);
+    let (fresh, kept) = load.stop();
+    report("fresh connections", &fresh);
+    report("keep-alive connections", &kept);
+
+    let one = &after.instances[0];
+    assert_eq!(one.restarts, 1, "{after:?}");
+    assert_eq!(after.instances[1].pid, Some(before["2"]), "the other worker was left alone: {after:?}");
+    assert_eq!(after.instances[1].restarts, 0);
+    assert!(cluster.stderr().contains(&format!("instance 1 (pid {victim}) was killed by SIGKILL")));
+    assert_eq!(fresh.refused + kept.refused, 0, "the shared socket stays open while a worker restarts");
+    // Each client thread holds one connection at a time, so at most one request per thread
+    // was in the dead worker's hands.
+    let lost = fresh.failed + kept.failed + kept.retried;
+    assert!(lost <= clients.len() as u64, "{lost} requests lost, more than the {} clients", clients.len());
+    assert_eq!(kept.failed, 0, "a kept-alive request lost with its worker is retried");
+    assert!(fresh.ok > 0 && kept.ok > 0);
+}
+
+/// A worker that exits at once is restarted with a delay that doubles up to the ceiling,
+/// while the listening socket keeps accepting connections into its queue.
+#[test]
+fn a_crash_loop_backs_off_and_the_port_stays_open() {
+    let cluster = Cluster::start(
+        "crashloop",
+        &["--instances", "1", "--restart-delay", "100ms", "--restart-max-delay", "800ms"],
+        &["/bin/sh", "-c", "exit 3"],
+    );
+    let max = Duration::from_millis(800);
+    let restarts = |log: &str| -> Vec<(f64, Duration)> {
+        log.lines()
+            .filter(|l| l.contains("exited with status 3 (unexpected); restarting in "))
+            .filter_map(|l| Some((log_time(l)?, parse_debug_duration(l.rsplit(' ').next()?)?)))
+            .collect()
+    };
+    let first =
+        cluster.wait_until("a first restart", |s| (s.instances[0].restarts >= 1).then_some(s.instances[0].restarts));
+    // The kernel queues connections while no worker accepts them: connect succeeds.
+    let queued: Vec<TcpStream> =
+        (0..3).map(|_| TcpStream::connect(cluster.addr()).expect("the port accepts while workers crash")).collect();
+    let log = cluster.wait_for_stderr("6 restarts", |log| {
+        let seen = restarts(log);
+        (seen.len() >= 6).then(|| log.to_owned())
+    });
+    let seen = restarts(&log);
+    let delays: Vec<Duration> = seen.iter().map(|&(_, d)| d).collect();
+    let gaps: Vec<f64> = seen.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    eprintln!("announced delays {delays:?}; seconds between deaths {gaps:.3?}");
+    assert_eq!(delays[0], Duration::from_millis(100), "the first restart waits restart-delay");
+    for pair in delays.windows(2) {
+        assert_eq!(pair[1], (pair[0] * 2).min(max), "the delay doubles up to restart-max-delay: {delays:?}");
+    }
+    assert_eq!(*delays.last().unwrap(), max, "{delays:?}");
+    for (gap, delay) in gaps.iter().zip(&delays) {
+        // Log timestamps have microseconds; allow a millisecond of clock skew.
+        assert!(*gap + 0.001 >= delay.as_secs_f64(), "restarted {gap:.3}s after a death, before its {delay:?}");
+    }
+    let later = cluster.status().instances[0].restarts;
+    assert!(later > first, "restarts grows: {first} then {later}");
+    assert!(TcpStream::connect(cluster.addr()).is_ok(), "the port still accepts");
+    drop(queued);
+}
+
+/// `--watchdog 1s`: a worker whose event loop is blocked for 5 s stops pinging, is killed
+/// with SIGABRT before its handler returns, and is restarted; the other worker is untouched.
+#[test]
+fn the_watchdog_kills_a_wedged_worker() {
+    let cluster = Cluster::of_workers("watchdog", 2, &["--watchdog", "1s"]);
+    let before = pids_by_instance(&cluster.status());
+    let sent = Instant::now();
+    let mut wedged = Connection::connect(cluster.addr()).expect("connect");
+    let outcome = wedged.get("/debug/wedge?ms=5000");
+    let after_secs = sent.elapsed().as_secs_f64();
+    // Had the worker lived until its handler returned, it would have answered "unwedged".
+    assert!(outcome.is_err(), "the wedged worker answered: it was not killed: {outcome:?}");
+    let status = cluster.wait_until("the wedged worker restarted", |s| {
+        let restarted: Vec<_> = s.instances.iter().filter(|i| i.restarts == 1).collect();
+        let all_up = s.instances.len() == 2 && s.instances.iter().all(|i| i.state == "running");
+        (restarted.len() == 1 && all_up).then(|| s.clone())
+    });
+    let victim = status.instances.iter().find(|i| i.restarts == 1).unwrap();
+    let other = status.instances.iter().find(|i| i.restarts == 0).expect("the other worker was not restarted");
+    assert_ne!(victim.pid, Some(before[&victim.instance]), "a new process");
+    assert_eq!(other.pid, Some(before[&other.instance]), "the other worker was left alone");
+    let log = cluster.stderr();
+    let old = before[&victim.instance];
+    assert!(log.contains(&format!("instance {} (pid {old}) sent no WATCHDOG=1", victim.instance)), "{log}");
+    assert!(log.contains(&format!("(pid {old}) was killed by SIGABRT")), "{log}");
+    eprintln!("the wedged worker's connection was cut {after_secs:.2}s after the request (wedge: 5s)");
+    let response = http::get(cluster.addr(), "/");
+    assert_eq!(response.status, 200);
+}
+
+/// A rolling restart, by SIGHUP and by `sdcluster restart --rolling`, under keep-alive and
+/// fresh-connection load: every worker is replaced, and no request fails.
+#[test]
+fn rolling_restarts_lose_no_request() {
+    let cluster = Cluster::of_workers("roll", 2, &[]);
+    let load = Load::start(cluster.addr(), &[Client::Fresh, Client::Fresh, Client::KeepAlive, Client::KeepAlive]);
+    load.wait_for_progress(200);
+
+    let mut pids: BTreeSet<u32> = cluster.pids().into_iter().collect();
+    for how in ["SIGHUP", "sdcluster restart --rolling"] {
+        let old = pids.clone();
+        if how == "SIGHUP" {
+            cluster.signal(libc::SIGHUP);
+            cluster.wait_for_stderr("the roll's end", |log| {
+                (log.matches("rolling restart done").count() >= 1).then_some(())
+            });
+        } else {
+            let answer = cluster.ctl_ok(&["restart", "--rolling", "roll"]);
+            assert_eq!(answer.trim(), "restarted 2 instances one at a time");
+        }
+        let status = cluster.wait_running(2);
+        pids = status.instances.iter().filter_map(|i| i.pid).collect();
+        assert!(pids.is_disjoint(&old), "{how}: every worker replaced: {old:?} -> {pids:?}");
+        assert!(status.instances.iter().all(|i| i.restarts == 0), "a planned restart is no crash: {status:?}");
+        wait_all_gone(&old.into_iter().collect::<Vec<_>>(), PATIENCE);
+        load.wait_for_progress(200);
+    }
+    let (fresh, kept) = load.stop();
+    report("fresh connections", &fresh);
+    report("keep-alive connections", &kept);
+    assert_eq!(fresh.refused + kept.refused, 0, "refused connections");
+    assert_eq!(fresh.failed + kept.failed, 0, "failed requests: {:?} {:?}", fresh.errors, kept.errors);
+    assert!(fresh.ok > 0 && kept.ok > 0);
+}
+
+/// SIGTERM: a slow request in flight is finished (200), then the supervisor exits 0 with no
+/// worker left and the port closed.
+#[test]
+fn sigterm_drains_requests_in_flight_and_exits_0() {
+    let mut cluster = Cluster::of_workers("drain", 2, &[]);
+    let pids = cluster.pids();
+    let mut slow = Connection::connect(cluster.addr()).expect("connect");
+    slow.send_get("/debug/sleep?ms=2000").expect("send");
+    cluster.wait_until("the slow request taken (STATUS=)", |s| {
+        s.instances.iter().any(|i| i.status_text.ends_with(" 1 open connections")).then_some(())
+    });
+    cluster.signal(libc::SIGTERM);
+    let response = slow.read_response().expect("the request in flight is answered");
+    assert_eq!((response.status, response.text().as_str()), (200, "slept\n"));
+    assert!(closes(&response), "a draining worker closes the connection: {response:?}");
+    let exit = cluster.wait_exit(PATIENCE);
+    assert_eq!(exit.code(), Some(0), "stderr:\n{}", cluster.stderr());
+    let log = cluster.stderr();
+    assert!(log.contains("draining 1 open connections"), "{log}");
+    assert!(log.contains("all workers stopped"), "{log}");
+    for pid in &pids {
+        assert!(!is_alive(*pid), "worker {pid} outlived its supervisor");
+    }
+    wait_refused(cluster.addr());
+    assert!(!cluster.runtime_dir().join("drain.control").exists(), "the control socket is removed");
+}
+
+/// SIGKILL of the supervisor (no chance to clean up): its workers go too, and the port closes.
+#[test]
+fn no_worker_outlives_a_killed_supervisor() {
+    let mut cluster = Cluster::of_workers("orphans", 2, &[]);
+    let pids = cluster.pids();
+    cluster.signal(libc::SIGKILL);
+    cluster.wait_exit(PATIENCE);
+    wait_all_gone(&pids, PATIENCE);
+    wait_refused(cluster.addr());
+}
+
+/// A worker in Python (tests/fixtures/py-worker.py): sd_listen_fds and sd_notify are all
+/// `sdcluster run` asks of a program.
+#[test]
+fn a_python_worker_runs_under_sdcluster() {
+    let Some(command) = python_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start("python", &["--instances", "2"], &command);
+    let status = cluster.wait_running(2);
+    for instance in &status.instances {
+        assert_eq!(instance.status_text, format!("py-worker {}: 0 requests", instance.instance), "{status:?}");
+    }
+    // Both serve: keep bursting concurrent connections until each has answered.
+    let mut seen = BTreeSet::new();
+    let both = wait_until(PATIENCE, || {
+        let mut burst: Vec<Connection<TcpStream>> =
+            (0..20).map(|_| Connection::connect(cluster.addr()).expect("connect")).collect();
+        for connection in &mut burst {
+            let response = connection.get("/").expect("an answer");
+            assert_eq!((response.status, response.text().as_str()), (200, "hello from python\n"));
+            seen.insert(response.worker().expect("x-sdcluster-worker").to_owned());
+        }
+        (seen.len() == 2).then_some(())
+    });
+    assert!(both.is_some(), "only {seen:?} answered");
+    // STATUS= updates after READY=1 reach the status view too.
+    cluster.wait_until("STATUS= counting requests", |s| {
+        s.instances.iter().all(|i| !i.status_text.ends_with(": 0 requests")).then_some(())
+    });
+    cluster.signal(libc::SIGTERM);
+    assert_eq!(cluster.wait_exit(PATIENCE).code(), Some(0), "stderr:\n{}", cluster.stderr());
+    let log = cluster.stderr();
+    assert!(log.contains("py-worker 1: stopped") && log.contains("py-worker 2: stopped"), "{log}");
+}
+
+/// The Python fixture on its own: it refuses fds meant for another process, and reports to an
+/// abstract `NOTIFY_SOCKET` (`@name`).
+#[test]
+fn the_python_worker_follows_the_protocols() {
+    let Some(command) = python_worker() else { return };
+    let listener = net::listener();
+    let addr = net::addr_of(&listener);
+    let name = format!("sdcluster-test-{}-py", std::process::id());
+    let notify = {
+        use std::os::linux::net::SocketAddrExt;
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+        std::os::unix::net::UnixDatagram::bind_addr(&address).expect("bind an abstract socket")
+    };
+    notify.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let start = |listen_pid: &str| {
+        let fd = listener.as_raw_fd();
+        let mut child = Command::new("/bin/sh");
+        child
+            .arg("-c")
+            .arg(format!("export LISTEN_PID={listen_pid}; exec \"$0\" \"$@\""))
+            .args(&command)
+            .env("LISTEN_FDS", "1")
+            .env("NOTIFY_SOCKET", format!("@{name}"))
+            .env("SDCLUSTER_INSTANCE", "solo")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: only dup2, async-signal-safe, between fork and exec.
+        unsafe {
+            child.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(io::Error::last_os_error()) } else { Ok(()) });
+        }
+        child.spawn().expect("start python")
+    };
+
+    let foreign = start("1").wait_with_output().expect("wait");
+    assert_eq!(foreign.status.code(), Some(2), "{}", stderr_of(&foreign));
+    assert!(stderr_of(&foreign).contains("is not this process"), "{}", stderr_of(&foreign));
+
+    let mut worker = start("$$");
+    let mut buf = [0; 4096];
+    let n = notify.recv(&mut buf).expect("a notification on the abstract socket");
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(first, "READY=1\nSTATUS=py-worker solo: 0 requests");
+    let response = http::get(addr, "/");
+    assert_eq!((response.status, response.worker()), (200, Some("solo")));
+    kill(worker.id(), libc::SIGTERM);
+    let stopped = wait_until(PATIENCE, || worker.try_wait().expect("try_wait"));
+    let _ = worker.kill();
+    assert_eq!(stopped.and_then(|s| s.code()), Some(0), "exits 0 on SIGTERM");
+    let stopping = wait_until(PATIENCE, || {
+        let n = notify.recv(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        text.starts_with("STOPPING=1").then_some(text)
+    });
+    assert!(stopping.is_some(), "STOPPING=1 was sent");
+}
+
+/// Bad configurations fail fast with a message naming the problem, exit non-zero, and start
+/// nothing.
+#[test]
+fn bad_configs_are_refused_before_anything_starts() {
+    let dir = TestDir::new("run-bad");
+    let (script, marker) = marker_worker(&dir);
+    let script = script.display().to_string();
+    let port = net::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = net::addr_of(&taken).to_string();
+    let toml = dir.join("bad.toml");
+    std::fs::write(
+        &toml,
+        format!("name = \"bad-toml\"\ncommand = \"{script}\"\nlisten = [\"{listen}\"]\ninstance = 3\n"),
+    )
+    .expect("write the config");
+    let toml = toml.display().to_string();
+
+    let cases: [(&str, Vec<&str>, &[&str]); 6] = [
+        (
+            "no instances",
+            vec!["--name", "bad", "--listen", &listen, "--instances", "0", "--", &script],
+            &["instances", "would serve nothing"],
+        ),
+        (
+            "relative command",
+            vec!["--name", "bad", "--listen", &listen, "--", "sdcluster-worker"],
+            &["not an absolute path"],
+        ),
+        (
+            "missing command",
+            vec!["--name", "bad", "--listen", &listen, "--", "/nonexistent/worker"],
+            &["/nonexistent/worker", "No such file"],
+        ),
+        (
+            "port in use",
+            vec!["--name", "bad", "--listen", &taken_addr, "--", &script],
+            &[&taken_addr, "already in use"],
+        ),
+        ("bad name", vec!["--name", "a b", "--listen", &listen, "--", &script], &["\"a b\"", "can't name units"]),
+        ("unknown TOML key", vec![&toml], &["bad.toml", "line 4", "unknown field `instance`"]),
+    ];
+    for (what, args, expected) in cases {
+        let runtime = TestDir::new("run-bad-rt");
+        let output = sdcluster_output(runtime.path(), &[&["run"][..], &args].concat());
+        let stderr = stderr_of(&output);
+        eprintln!("{what}: {}", stderr.trim());
+        assert!(!output.status.success(), "{what}: sdcluster run succeeded:\n{stderr}");
+        for needle in expected {
+            assert!(stderr.contains(needle), "{what}: {needle:?} not in:\n{stderr}");
+        }
+        assert!(!marker.exists(), "{what}: a worker was started");
+        let left: Vec<_> =
+            std::fs::read_dir(runtime.path()).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "{what}: sockets were created: {left:?}");
+    }
+    drop(taken);
+
+    // A second `sdcluster run` of a running app: refused, and the first one is unharmed.
+    let first = Cluster::of_workers("twice", 1, &[]);
+    let pids = first.pids();
+    let port = net::free_port().to_string();
+    let output = sdcluster_output(
+        first.runtime_dir(),
+        &["run", "--name", "twice", "--listen", &format!("127.0.0.1:{port}"), "--", &script],
+    );
+    let stderr = stderr_of(&output);
+    eprintln!("second run: {}", stderr.trim());
+    assert!(!output.status.success(), "a second sdcluster run succeeded:\n{stderr}");
+    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(!marker.exists(), "the second run started a worker");
+    assert_eq!(first.pids(), pids, "the first cluster still answers, with the same workers");
+}
+
+/// `sdcluster scale`: down from 3 to 1 (the two others drain and exit 0, no request lost),
+/// then back up to 2.
+#[test]
+fn scale_down_drains_and_scale_up_adds() {
+    let cluster = Cluster::of_workers("scale", 3, &[]);
+    let before = pids_by_instance(&cluster.status());
+    let load = Load::start(cluster.addr(), &[Client::Fresh, Client::KeepAlive]);
+    load.wait_for_progress(100);
+
+    assert_eq!(cluster.ctl_ok(&["scale", "scale", "1"]).trim(), "1 instances");
+    let status = cluster.wait_running(1);
+    assert_eq!(pids_by_instance(&status), BTreeMap::from([("1".to_owned(), before["1"])]), "instance 1 stays");
+    let stopped = [before["2"], before["3"]];
+    wait_all_gone(&stopped, PATIENCE);
+    let log = cluster.stderr();
+    for (name, pid) in [("2", stopped[0]), ("3", stopped[1])] {
+        assert!(log.contains(&format!("instance {name} (pid {pid}) exited with status 0")), "{log}");
+    }
+    load.wait_for_progress(100);
+
+    assert_eq!(cluster.ctl_ok(&["scale", "scale", "2"]).trim(), "2 instances");
+    let status = cluster.wait_running(2);
+    assert_eq!(status.instances[0].pid, Some(before["1"]));
+    assert!(status.instances.iter().all(|i| i.restarts == 0), "{status:?}");
+    load.wait_for_progress(100);
+    let (fresh, kept) = load.stop();
+    report("fresh connections", &fresh);
+    report("keep-alive connections", &kept);
+    assert_eq!(fresh.refused + kept.refused + fresh.failed + kept.failed, 0, "{:?} {:?}", fresh.errors, kept.errors);
+    // The new instance serves: a burst of simultaneous connections reaches it.
+    let new = status.instances[1].instance.clone();
+    let reached = wait_until(PATIENCE, || {
+        let mut burst: Vec<_> = (0..10).map(|_| Connection::connect(cluster.addr()).expect("connect")).collect();
+        burst.iter_mut().any(|c| c.get("/").expect("an answer").worker() == Some(new.as_str())).then_some(())
+    });
+    assert!(reached.is_some(), "instance {new} never answered");
+}
