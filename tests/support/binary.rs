@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 /// binary left from an older build is never tested by mistake). Later calls reuse the path.
 pub fn worker_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| build("sdcluster-worker", "sdcluster-worker"))
+    BINARY.get_or_init(|| build_binary("sdcluster-worker", "sdcluster-worker"))
 }
 
 /// `target/<profile>/`: the test executable runs from its `deps/` folder.
@@ -25,8 +25,10 @@ fn profile_dir() -> PathBuf {
     dir.to_path_buf()
 }
 
-/// Builds `bin` of `package` with the profile of `target/<profile>/` and returns its path.
-fn build(package: &str, bin: &str) -> PathBuf {
+/// Builds `bin` of `package` with the profile of the running test (`target/<profile>/`) and
+/// returns its path; without cargo, the binary already there is used. Cache the result in a
+/// `OnceLock`, as [`worker_binary`] does, to build once per test process.
+pub fn build_binary(package: &str, bin: &str) -> PathBuf {
     let dir = profile_dir();
     let binary = dir.join(bin);
     let mut cargo = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));

@@ -15,7 +15,7 @@ mod tempdir;
 
 use std::time::{Duration, Instant};
 
-pub use binary::worker_binary;
+pub use binary::{build_binary, worker_binary};
 pub use notify::{Notification, NotifySocket};
 pub use process::{Worker, WorkerCommand};
 pub use tempdir::TestDir;

@@ -174,7 +174,7 @@ mod tests {
         // Nothing was written: b.service is still the old one, the edit is still there.
         assert_eq!(fs::read_to_string(unit_dir(&root).join("b.service")).unwrap(), b.content);
         assert_eq!(fs::read_to_string(unit_dir(&root).join("a.socket")).unwrap(), edited);
-        assert!(remove(&[a.name.clone()], &root, false).is_err());
+        assert!(remove(std::slice::from_ref(&a.name), &root, false).is_err());
         let changes = install(&[a.clone(), b2], &root, true).unwrap();
         assert!(matches!(changes[0], Change::Overwritten(_)));
         assert_eq!(remove(&[a.name, b.name, "never-installed.target".into()], &root, false).unwrap().len(), 2);
