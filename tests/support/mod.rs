@@ -7,6 +7,7 @@
 mod binary;
 pub mod cluster;
 pub mod http;
+pub mod load;
 pub mod net;
 mod notify;
 mod process;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 pub use binary::{build_binary, worker_binary};
 pub use notify::{Notification, NotifySocket};
-pub use process::{Worker, WorkerCommand};
+pub use process::{StderrLog, Worker, WorkerCommand};
 pub use tempdir::TestDir;
 
 /// Calls `probe` every 10 ms until it returns `Some`, for at most `timeout`.

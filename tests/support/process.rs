@@ -174,21 +174,18 @@ fn pass_fds_at_3(command: &mut Command, fds: &[OwnedFd]) -> Vec<OwnedFd> {
     staged
 }
 
-/// A running worker (or its supervisor wrapper, which becomes the worker by `exec`), with
-/// its stderr collected. Dropping it kills the process; a failing test prints its stderr.
-pub struct Worker {
-    child: Child,
-    description: String,
-    stderr: Arc<Mutex<Vec<u8>>>,
+/// What a child writes to its piped stderr, collected on a thread and readable at any time.
+pub struct StderrLog {
+    bytes: Arc<Mutex<Vec<u8>>>,
     reader: Option<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
 }
 
-impl Worker {
-    fn watch(mut child: Child, description: String) -> Self {
-        let stderr = Arc::new(Mutex::new(Vec::new()));
+impl StderrLog {
+    /// Takes `child`'s stderr (which must be `Stdio::piped()`) and starts collecting it.
+    pub fn collect(child: &mut Child) -> Self {
         let mut pipe = child.stderr.take().expect("stderr is piped");
-        let sink = Arc::clone(&stderr);
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&bytes);
         let reader = std::thread::spawn(move || {
             let mut buf = [0; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
@@ -198,7 +195,36 @@ impl Worker {
                 sink.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(&buf[..n]);
             }
         });
-        Self { child, description, stderr, reader: Some(reader), exited: None }
+        Self { bytes, reader: Some(reader) }
+    }
+
+    /// Everything collected so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+
+    /// Waits for the end of the stream, so that [`Self::text`] is complete; call it once the
+    /// child (and anything that inherited its stderr) has exited.
+    pub fn finish(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// A running worker (or its supervisor wrapper, which becomes the worker by `exec`), with
+/// its stderr collected. Dropping it kills the process; a failing test prints its stderr.
+pub struct Worker {
+    child: Child,
+    description: String,
+    stderr: StderrLog,
+    exited: Option<ExitStatus>,
+}
+
+impl Worker {
+    fn watch(mut child: Child, description: String) -> Self {
+        let stderr = StderrLog::collect(&mut child);
+        Self { child, description, stderr, exited: None }
     }
 
     /// The worker's pid.
@@ -215,7 +241,7 @@ impl Worker {
 
     /// What it wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+        self.stderr.text()
     }
 
     /// Waits up to `timeout` for stderr to contain `needle`; panics otherwise.
@@ -235,9 +261,7 @@ impl Worker {
     pub fn exit_code(&mut self, timeout: Duration) -> i32 {
         let status = wait_until(timeout, || self.poll_exit())
             .unwrap_or_else(|| panic!("{} still runs after {timeout:?}; stderr:\n{}", self.description, self.stderr()));
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
+        self.stderr.finish();
         status.code().unwrap_or_else(|| {
             panic!("{} was killed by signal {:?}; stderr:\n{}", self.description, status.signal(), self.stderr())
         })

@@ -82,6 +82,19 @@ impl Gate {
         }
     }
 
+    /// The counters this gate keeps current.
+    pub(crate) fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Frees this worker's slot: a draining worker takes no more connections, so its peers
+    /// must not wait for it to take its share.
+    pub(crate) fn leave_balance(&self) {
+        if let Some(balance) = &self.balance {
+            *balance.slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
     pub(crate) fn opened(&self) {
         let open = self.stats.connection_opened();
         self.publish(open, true);

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -10,6 +11,7 @@ use hyper::body::{Body, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::service::Service;
 use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::Notify;
 
 use crate::stats::Stats;
 
@@ -26,11 +28,33 @@ pub struct Instrumented<S> {
     app: Arc<S>,
     stats: Arc<Stats>,
     worker: HeaderValue,
+    first_request: Arc<FirstRequest>,
 }
 
-impl<S> Clone for Instrumented<S> {
-    fn clone(&self) -> Self {
-        Self { app: Arc::clone(&self.app), stats: Arc::clone(&self.stats), worker: self.worker.clone() }
+/// Whether a connection has started its first request yet: a drain must not close a
+/// connection whose client is sending its first request right now.
+#[derive(Default)]
+pub(crate) struct FirstRequest {
+    seen: AtomicBool,
+    arrived: Notify,
+}
+
+impl FirstRequest {
+    pub(crate) fn seen(&self) -> bool {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    /// Returns once the first request has started.
+    pub(crate) async fn arrived(&self) {
+        if !self.seen() {
+            self.arrived.notified().await;
+        }
+    }
+
+    fn mark(&self) {
+        if !self.seen.swap(true, Ordering::AcqRel) {
+            self.arrived.notify_one();
+        }
     }
 }
 
@@ -38,7 +62,19 @@ impl<S> Instrumented<S> {
     pub(crate) fn new(app: Arc<S>, stats: Arc<Stats>) -> Self {
         let worker =
             HeaderValue::from_str(stats.instance()).unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
-        Self { app, stats, worker }
+        Self { app, stats, worker, first_request: Arc::default() }
+    }
+
+    /// This service for one new connection, and that connection's first-request flag.
+    pub(crate) fn for_connection(&self) -> (Self, Arc<FirstRequest>) {
+        let first_request = Arc::new(FirstRequest::default());
+        let service = Self {
+            app: Arc::clone(&self.app),
+            stats: Arc::clone(&self.stats),
+            worker: self.worker.clone(),
+            first_request: Arc::clone(&first_request),
+        };
+        (service, first_request)
     }
 
     fn own(&self, status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -76,6 +112,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.first_request.mark();
         let worker = self.worker.clone();
         let stats = Arc::clone(&self.stats);
         let stamp = move |mut response: Self::Response| {

@@ -26,7 +26,7 @@ use crate::listeners::Acquired;
 use crate::notify::{Notifier, status_line};
 use crate::ops::Instrumented;
 use crate::options::Options;
-use crate::stats::Stats;
+use crate::stats::{Rejected, Stats};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -111,9 +111,10 @@ impl Server {
             };
             let accepted = Accepted {
                 gate: Arc::clone(&gate),
-                service: service.clone(),
+                service: service.for_connection().0,
                 http: Arc::clone(&http),
                 draining: draining.clone(),
+                header_timeout: self.opts.header_timeout,
             };
             tasks.spawn(accept_loop(listener, accepted));
         }
@@ -125,6 +126,7 @@ impl Server {
 
         shutdown.await;
         tasks.abort_all(); // stop accepting; our copies of the sockets close
+        gate.leave_balance(); // peers stop counting on us at once
         let open = self.stats.open();
         tracing::info!("draining {open} open connections (at most {:?})", self.opts.drain_timeout);
         notifier.stopping(&format!("draining {open} connections"));
@@ -149,7 +151,13 @@ struct Accepted<S> {
     http: Arc<http1::Builder>,
     /// Turns true when the worker drains: connections finish their request and close.
     draining: watch::Receiver<bool>,
+    /// `--header-timeout`, which also bounds the wait for a first request while draining.
+    header_timeout: Duration,
 }
+
+/// While draining, how long a connection that has not sent its first request yet is given
+/// to send it (a client that connected just before the drain is sending it now).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 async fn accept_loop<S, B>(listener: AsyncFd<Listener>, accepted: Accepted<S>)
 where
@@ -218,19 +226,37 @@ where
 {
     accepted.gate.opened();
     let gate = Arc::clone(&accepted.gate);
-    let connection = accepted.http.serve_connection(TokioIo::new(io), accepted.service.clone());
+    let (service, first_request) = accepted.service.for_connection();
+    let connection = accepted.http.serve_connection(TokioIo::new(io), service);
     let mut draining = accepted.draining.clone();
+    let stats = accepted.gate.stats();
+    let grace = FIRST_REQUEST_GRACE.min(accepted.header_timeout);
     tokio::spawn(async move {
         tokio::pin!(connection);
         let ended = tokio::select! {
             ended = connection.as_mut() => ended,
             () = async { let _ = draining.wait_for(|d| *d).await; } => {
-                // Finish the request in flight (if any), then close instead of keeping alive.
-                connection.as_mut().graceful_shutdown();
-                connection.await
+                // A client that just connected is sending its first request: closing now
+                // would fail it, so serve that one request first (bounded by the grace).
+                let waited = async {
+                    if !first_request.seen() {
+                        let _ = tokio::time::timeout(grace, first_request.arrived()).await;
+                    }
+                };
+                tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    () = waited => {
+                        // Finish the request in flight (if any), then close instead of keeping alive.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
             }
         };
         if let Err(e) = ended {
+            if let Some(why) = Rejected::of(&e) {
+                stats.rejected(why);
+            }
             tracing::debug!("connection ended with an error: {e}");
         }
         gate.closed();

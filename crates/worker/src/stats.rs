@@ -14,6 +14,43 @@ pub struct Stats {
     open: AtomicU64,
     accepted: AtomicU64,
     by_status: Vec<AtomicU64>,
+    rejected: [AtomicU64; Rejected::ALL.len()],
+}
+
+/// Requests hyper refused before any app saw them (it answers or closes by itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejected {
+    /// Not HTTP (400).
+    Malformed,
+    /// A request head over `--max-header-bytes` (431).
+    TooLarge,
+    /// Headers not complete within `--header-timeout` (slowloris): closed.
+    HeaderTimeout,
+}
+
+impl Rejected {
+    const ALL: [Rejected; 3] = [Rejected::Malformed, Rejected::TooLarge, Rejected::HeaderTimeout];
+
+    fn label(self) -> &'static str {
+        match self {
+            Rejected::Malformed => "malformed",
+            Rejected::TooLarge => "too_large",
+            Rejected::HeaderTimeout => "header_timeout",
+        }
+    }
+
+    /// What a connection's error says about its last request, if it was refused.
+    pub(crate) fn of(error: &hyper::Error) -> Option<Self> {
+        if error.is_parse_too_large() {
+            Some(Rejected::TooLarge)
+        } else if error.is_parse() {
+            Some(Rejected::Malformed)
+        } else if error.is_timeout() {
+            Some(Rejected::HeaderTimeout)
+        } else {
+            None
+        }
+    }
 }
 
 impl Stats {
@@ -25,6 +62,7 @@ impl Stats {
             open: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             by_status: (0..STATUSES).map(|_| AtomicU64::new(0)).collect(),
+            rejected: Default::default(),
         }
     }
 
@@ -52,6 +90,10 @@ impl Stats {
         self.open.fetch_sub(1, Relaxed) - 1
     }
 
+    pub(crate) fn rejected(&self, why: Rejected) {
+        self.rejected[why as usize].fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn answered(&self, status: u16) {
         if let Some(counter) = status.checked_sub(FIRST_STATUS).and_then(|i| self.by_status.get(usize::from(i))) {
             counter.fetch_add(1, Relaxed);
@@ -73,6 +115,11 @@ impl Stats {
                     i + usize::from(FIRST_STATUS)
                 );
             }
+        }
+        out.push_str("# HELP sdcluster_http_rejected_total Requests refused before the app saw them, by reason.\n# TYPE sdcluster_http_rejected_total counter\n");
+        for why in Rejected::ALL {
+            let n = self.rejected[why as usize].load(Relaxed);
+            let _ = writeln!(out, "sdcluster_http_rejected_total{{worker=\"{w}\",reason=\"{}\"}} {n}", why.label());
         }
         let _ = write!(
             out,
@@ -113,6 +160,7 @@ mod tests {
         s.answered(200);
         s.answered(404);
         s.answered(42); // not a status: ignored rather than miscounted
+        s.rejected(Rejected::TooLarge);
         assert_eq!((s.open(), s.requests()), (1, 3));
         let text = s.render_prometheus();
         assert!(text.contains("sdcluster_http_requests_total{worker=\"web\\\"1\",status=\"200\"} 2\n"), "{text}");
@@ -120,5 +168,7 @@ mod tests {
         assert!(text.contains("sdcluster_connections_open{worker=\"web\\\"1\"} 1\n"));
         assert!(text.contains("sdcluster_connections_accepted_total{worker=\"web\\\"1\"} 2\n"));
         assert!(!text.contains("status=\"500\""));
+        assert!(text.contains("sdcluster_http_rejected_total{worker=\"web\\\"1\",reason=\"too_large\"} 1\n"), "{text}");
+        assert!(text.contains("reason=\"malformed\"} 0\n"));
     }
 }

@@ -1,0 +1,319 @@
+//! `sdcluster` operating units under a real systemd (PID 1 of a throw-away box,
+//! `tests/sdbox`): install, serve, survive kills, crash loops and wedges, roll, scale, report.
+//!
+//! Needs root (skipped otherwise, unless `CI` is set: then it fails). One box for this test
+//! binary, shared by its tests: each installs its own app on its own port.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sdcluster::status::ClusterStatus;
+use sdcluster_tests::cluster::sdcluster_binary;
+use sdcluster_tests::http::{self, Connection};
+use sdcluster_tests::load::{Load, Reuse};
+use sdcluster_tests::sdbox::SdBox;
+use sdcluster_tests::{net, wait_until};
+
+const GUEST_SDCLUSTER: &str = "/usr/local/bin/sdcluster";
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// An app installed in the shared box for one test, uninstalled at the end.
+struct App {
+    sdbox: &'static SdBox,
+    name: String,
+    addr: SocketAddr,
+}
+
+impl App {
+    /// Installs and starts `name` with `instances` workers of the reference worker and any
+    /// extra `sdcluster install` flags; waits until every instance is active.
+    fn install(name: &str, instances: u32, flags: &[&str]) -> Option<Self> {
+        let sdbox = SdBox::shared()?;
+        let worker = sdbox.install_worker();
+        static COPIED: std::sync::Once = std::sync::Once::new();
+        COPIED.call_once(|| sdbox.copy_in(sdcluster_binary(), GUEST_SDCLUSTER));
+        let addr = net::free_addr();
+        let listen = addr.to_string();
+        let count = instances.to_string();
+        let mut args = vec![GUEST_SDCLUSTER, "install", "--name", name, "--listen", &listen, "--instances", &count];
+        args.extend(flags);
+        args.extend(["--now", "--", worker, "--debug-endpoints"]);
+        sdbox.exec_ok(&args);
+        let app = Self { sdbox, name: name.into(), addr };
+        for k in 1..=instances {
+            sdbox.wait_active(&app.unit(k));
+        }
+        Some(app)
+    }
+
+    fn unit(&self, k: u32) -> String {
+        format!("{}@{k}.service", self.name)
+    }
+
+    fn sdcluster(&self, args: &[&str]) -> std::process::Output {
+        let mut argv = vec![GUEST_SDCLUSTER];
+        argv.extend(args);
+        self.sdbox.exec(&argv)
+    }
+
+    fn sdcluster_ok(&self, args: &[&str]) -> String {
+        let mut argv = vec![GUEST_SDCLUSTER];
+        argv.extend(args);
+        self.sdbox.exec_ok(&argv)
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let json = self.sdcluster_ok(&["status", &self.name, "--json"]);
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {json}"))
+    }
+
+    fn main_pid(&self, k: u32) -> u32 {
+        self.sdbox.property(&self.unit(k), "MainPID").parse().expect("MainPID is a number")
+    }
+
+    fn restarts(&self, k: u32) -> u32 {
+        self.sdbox.property(&self.unit(k), "NRestarts").parse().expect("NRestarts is a number")
+    }
+
+    /// Waits until `probe` holds, showing the app's units and journal if it never does.
+    fn wait(&self, what: &str, mut probe: impl FnMut() -> bool) {
+        if wait_until(PATIENCE, || probe().then_some(())).is_none() {
+            panic!(
+                "{}: {what} did not happen in {PATIENCE:?}\n{}",
+                self.name,
+                self.sdbox.diagnose(&format!("{}*", self.name))
+            );
+        }
+    }
+
+    /// The workers that answer `n` connections opened at once (the balance spreads them).
+    fn workers_answering(&self, n: usize) -> BTreeSet<String> {
+        let mut connections: Vec<_> = (0..n).map(|_| Connection::connect(self.addr).expect("connect")).collect();
+        connections
+            .iter_mut()
+            .map(|c| c.get("/").expect("GET /").worker().expect("x-sdcluster-worker").to_owned())
+            .collect()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let out = self.sdcluster(&["uninstall", &self.name]);
+        if !out.status.success() && !std::thread::panicking() {
+            panic!("uninstall {}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn instances_share_one_port_and_status_matches_systemctl() {
+    let Some(app) = App::install("share", 3, &[]) else { return };
+    assert_eq!(app.workers_answering(30), set(&["1", "2", "3"]));
+
+    let status = app.status();
+    assert_eq!(status.supervisor, "systemd");
+    assert_eq!(status.listen, [app.addr.to_string()]);
+    assert_eq!(status.instances.len(), 3);
+    for (k, instance) in (1..=3).zip(&status.instances) {
+        assert_eq!(instance.instance, k.to_string());
+        assert_eq!(instance.pid, Some(app.main_pid(k)), "status --json pid = systemctl show MainPID");
+        assert_eq!(instance.restarts, app.restarts(k));
+        assert_eq!(instance.state, "active/running");
+        assert!(instance.status_text.starts_with(&format!("serving {}", app.addr)), "{:?}", instance.status_text);
+        assert!(instance.memory_bytes.is_some_and(|m| m > 0));
+    }
+    let table = app.sdcluster_ok(&["status", "share"]);
+    assert!(table.lines().nth(1).is_some_and(|h| h.starts_with("INSTANCE  PID")), "{table}");
+    assert_eq!(table.lines().count(), 5, "title, header, 3 instances:\n{table}");
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_no_connection_is_refused() {
+    let Some(app) = App::install("kill", 2, &[]) else { return };
+    let load = Load::start(app.addr, "/", 4, Reuse::Fresh);
+    load.wait_for_more(200);
+    let victim = app.main_pid(1);
+    app.sdbox.exec_ok(&["kill", "-9", &victim.to_string()]);
+    app.wait("a new worker 1 with NRestarts=1", || app.restarts(1) == 1 && app.main_pid(1) != victim);
+    app.sdbox.wait_active(&app.unit(1));
+    load.wait_for_more(200);
+    let report = load.stop();
+    eprintln!("kill -9 under load: {report:?}");
+    assert_eq!(report.refused, 0, "{report:?}");
+    // Only requests the killed worker had in flight may fail.
+    assert!(report.failed <= 4, "{report:?}");
+    assert!(app.workers_answering(10).contains("1"));
+}
+
+#[test]
+fn a_crash_loop_leaves_the_socket_listening() {
+    let Some(sdbox) = SdBox::shared() else { return };
+    sdbox.copy_in(sdcluster_binary(), GUEST_SDCLUSTER);
+    let addr = net::free_addr();
+    let listen = addr.to_string();
+    // /bin/false exits at once: the worst crash loop there is.
+    sdbox.exec_ok(&[
+        GUEST_SDCLUSTER,
+        "install",
+        "--name",
+        "crashy",
+        "--listen",
+        &listen,
+        "--instances",
+        "1",
+        "--now",
+        "--",
+        "/bin/false",
+    ]);
+    let app = App { sdbox, name: "crashy".into(), addr };
+    app.wait("20 restarts", || app.restarts(1) >= 20);
+    assert_eq!(sdbox.property("crashy.socket", "ActiveState"), "active", "{}", sdbox.diagnose("crashy*"));
+    // The kernel still queues connections for the next worker: nothing is refused.
+    std::net::TcpStream::connect(addr).expect("connect while the workers crash");
+    let restart_sec = sdbox.property("crashy@1.service", "RestartUSec");
+    assert_eq!(restart_sec, "100ms");
+}
+
+#[test]
+fn a_wedged_worker_is_killed_by_the_watchdog() {
+    let Some(app) = App::install("wedge", 2, &["--watchdog", "2s"]) else { return };
+    let pid = app.main_pid(1);
+    // Connections opened at once spread over both workers; wedge worker 1.
+    let mut connections: Vec<_> = (0..10).map(|_| Connection::connect(app.addr).unwrap()).collect();
+    let on_one = connections
+        .iter_mut()
+        .position(|c| c.get("/").unwrap().worker() == Some("1"))
+        .expect("a connection served by worker 1");
+    connections[on_one].send_get("/debug/wedge?ms=20000").unwrap();
+    app.wait("the watchdog restart", || app.restarts(1) == 1 && app.main_pid(1) != pid);
+    let journal = app.sdbox.exec_ok(&["journalctl", "-u", "wedge@1.service", "--no-pager"]);
+    assert!(journal.contains("Watchdog timeout"), "{journal}");
+    app.sdbox.wait_active(&app.unit(1));
+    assert_eq!(http::get(app.addr, "/").status, 200);
+}
+
+#[test]
+fn rolling_restart_under_load_fails_no_request() {
+    let Some(app) = App::install("roll", 3, &[]) else { return };
+    let fresh = Load::start(app.addr, "/", 3, Reuse::Fresh);
+    let kept = Load::start(app.addr, "/", 3, Reuse::KeepAlive);
+    fresh.wait_for_more(200);
+    let before: Vec<u32> = (1..=3).map(|k| app.main_pid(k)).collect();
+    let out = app.sdcluster_ok(&["restart", "--rolling", "roll"]);
+    assert!(out.contains("restarted 3 instances"), "{out}");
+    let after: Vec<u32> = (1..=3).map(|k| app.main_pid(k)).collect();
+    assert!(before.iter().zip(&after).all(|(b, a)| b != a), "every worker replaced: {before:?} -> {after:?}");
+    fresh.wait_for_more(200);
+    let (fresh, kept) = (fresh.stop(), kept.stop());
+    eprintln!("rolling restart under load: fresh {fresh:?}, keep-alive {kept:?}");
+    for report in [fresh, kept] {
+        assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
+    }
+}
+
+#[test]
+fn scale_up_and_down_is_live_and_persisted() {
+    let Some(app) = App::install("scale", 2, &[]) else { return };
+    assert!(app.sdcluster_ok(&["scale", "scale", "4"]).contains("2 -> 4"));
+    for k in 3..=4 {
+        app.sdbox.wait_active(&app.unit(k));
+    }
+    assert_eq!(app.workers_answering(40), set(&["1", "2", "3", "4"]));
+    assert_eq!(app.status().instances.len(), 4);
+    assert!(app.sdcluster_ok(&["scale", "scale", "1"]).contains("4 -> 1"));
+    for k in 2..=4 {
+        assert_eq!(app.sdbox.property(&app.unit(k), "ActiveState"), "inactive");
+        assert_eq!(app.sdbox.exec(&["systemctl", "is-enabled", &app.unit(k)]).status.code(), Some(1), "disabled");
+    }
+    assert_eq!(app.workers_answering(10), set(&["1"]));
+    let zero = app.sdcluster(&["scale", "scale", "0"]);
+    assert!(!zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("would serve nothing"));
+}
+
+#[test]
+fn the_socket_restarts_and_a_stopped_app_starts_on_demand() {
+    let Some(app) = App::install("ondemand", 2, &[]) else { return };
+    app.sdbox.systemctl(&["restart", "ondemand.socket"]);
+    for k in 1..=2 {
+        app.sdbox.wait_active(&app.unit(k));
+    }
+    assert_eq!(http::get(app.addr, "/").status, 200);
+    // Every worker stopped: a connection is queued, not refused, and starts the app.
+    app.sdbox.systemctl(&["stop", "ondemand.target"]);
+    assert_eq!(app.sdbox.property(&app.unit(1), "ActiveState"), "inactive");
+    assert_eq!(http::get(app.addr, "/").status, 200);
+    assert_eq!(app.sdbox.property("ondemand.target", "ActiveState"), "active");
+}
+
+#[test]
+fn workers_are_sandboxed_safe() {
+    let Some(app) = App::install("secure", 1, &[]) else { return };
+    let report = app.sdbox.exec_ok(&["systemd-analyze", "security", "--no-pager", &app.unit(1)]);
+    let exposure: f64 = report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for ").nth(1))
+        .and_then(|r| r.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure in:\n{report}"));
+    eprintln!("systemd-analyze security {}: {exposure}", app.unit(1));
+    assert!(exposure <= 1.0, "{report}");
+    // No root, no capabilities: the port was bound by systemd.
+    let pid = app.main_pid(1).to_string();
+    let owner = app.sdbox.exec_ok(&["ps", "-o", "user=", "-p", &pid]);
+    assert_ne!(owner, "root");
+    let caps = app.sdbox.exec_ok(&["grep", "CapEff", &format!("/proc/{pid}/status")]);
+    assert!(caps.ends_with("0000000000000000"), "{caps}");
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_written() {
+    let Some(sdbox) = SdBox::shared() else { return };
+    sdbox.copy_in(sdcluster_binary(), GUEST_SDCLUSTER);
+    let worker = sdbox.install_worker();
+    let run = |args: &[&str]| {
+        let mut argv = vec![GUEST_SDCLUSTER, "install"];
+        argv.extend(args);
+        let out = sdbox.exec(&argv);
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run(&["--name", "a b", "--", worker]).contains("can't name units"));
+    assert!(run(&["--name", "zero", "--instances", "0", "--", worker]).contains("would serve nothing"));
+    assert!(run(&["--name", "rel", "--", "sdcluster-worker"]).contains("not an absolute path"));
+    assert!(run(&["--name", "gone", "--", "/no/such/worker"]).contains("No such file"));
+    assert!(run(&["--name", "port", "--listen", "127.0.0.1:70000", "--", worker]).contains("0 to 65535"));
+    let taken = net::listener();
+    let taken_addr = net::addr_of(&taken).to_string();
+    assert!(run(&["--name", "taken", "--listen", &taken_addr, "--", worker]).contains("already in use"));
+    sdbox.write_file("/etc/sdcluster/typo.toml", "command = \"/bin/true\"\ninstance = 2\n");
+    let err = run(&["typo"]);
+    assert!(err.contains("line 2") && err.contains("unknown field `instance`"), "{err}");
+    let listing = sdbox.exec_ok(&["ls", "/etc/systemd/system"]);
+    for name in ["a b", "zero", "rel", "gone", "port", "taken", "typo"] {
+        assert!(!listing.contains(&format!("{name}.socket")), "{name} left units behind:\n{listing}");
+    }
+}
+
+#[test]
+fn an_edited_unit_is_not_overwritten_without_force() {
+    let Some(app) = App::install("edited", 1, &[]) else { return };
+    let path = "/etc/systemd/system/edited@.service";
+    let edited = app.sdbox.exec_ok(&["sed", "-i", "s/^RestartSec=.*/RestartSec=1s/", path]);
+    assert!(edited.is_empty());
+    let worker = app.sdbox.install_worker();
+    let listen = app.addr.to_string();
+    let again =
+        ["install", "--name", "edited", "--listen", &listen, "--instances", "1", "--", worker, "--debug-endpoints"];
+    let out = app.sdcluster(&again);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(path) && err.contains("--force"), "{err}");
+    assert!(app.sdbox.exec_ok(&["cat", path]).contains("RestartSec=1s"), "the edit survives");
+    let mut forced = again.to_vec();
+    forced.insert(1, "--force");
+    assert!(app.sdcluster_ok(&forced).contains("overwrote edited"));
+    assert!(app.sdbox.exec_ok(&["cat", path]).contains("RestartSec=100ms"));
+}
