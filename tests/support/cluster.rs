@@ -2,7 +2,6 @@
 //! one supervisor with its own runtime folder, port and app name, and the `sdcluster status`,
 //! `restart` and `scale` commands pointed at it.
 
-use std::ffi::OsString;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
@@ -20,45 +19,11 @@ use crate::{TestDir, net, wait_until};
 /// reached when something is wrong.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
-/// The `sdcluster` binary of the profile these tests were built with, up to date.
-///
-/// As for the worker (`crate::worker_binary`), the first call runs `cargo build -p sdcluster
-/// --bin sdcluster` (a no-op when it is current); without cargo, the binary already beside the
-/// test executable is used.
+/// The `sdcluster` binary of the profile these tests were built with, up to date (built by
+/// [`crate::build_binary`] on first use, like the worker).
 pub fn sdcluster_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test executable's path");
-        let deps = exe.parent().expect("the test executable is in a folder");
-        let dir = if deps.file_name().is_some_and(|n| n == "deps") { deps.parent().unwrap_or(deps) } else { deps };
-        let binary = dir.join("sdcluster");
-        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
-        cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "--quiet",
-            "-p",
-            "sdcluster",
-            "--bin",
-            "sdcluster",
-        ]);
-        match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cargo.arg("--release");
-            }
-            Some(profile) => {
-                cargo.args(["--profile", profile]);
-            }
-        }
-        match cargo.status() {
-            Ok(status) if status.success() => {}
-            Ok(status) => panic!("building sdcluster failed ({status}): {cargo:?}"),
-            Err(e) if binary.exists() => eprintln!("cannot run cargo ({e}); testing the existing {}", binary.display()),
-            Err(e) => panic!("{} is missing and cargo cannot build it: {e}", binary.display()),
-        }
-        assert!(binary.exists(), "cargo built sdcluster but it is not at {}", binary.display());
-        binary
-    })
+    BINARY.get_or_init(|| crate::build_binary("sdcluster", "sdcluster"))
 }
 
 /// `sdcluster ARGS` with `SDCLUSTER_RUNTIME_DIR=runtime_dir`, none of the test's own

@@ -39,14 +39,8 @@ impl SdBox {
     /// Boots (or joins, if already up) the box `name` ([A-Za-z0-9-]); it is halted on drop.
     /// `None`: skipped, because this test can't be root here and isn't running on CI.
     pub fn up(name: &str) -> Option<SdBox> {
-        match boot(name) {
-            Ok(()) => Some(SdBox { name: name.to_owned(), owned: true, worker: OnceLock::new() }),
-            Err(Unavailable::Skip(why)) => {
-                eprintln!("SKIPPED: no systemd box: {why}");
-                None
-            }
-            Err(Unavailable::Fail(why)) => panic!("{why}"),
-        }
+        let booted = boot(name).map(|()| SdBox { name: name.to_owned(), owned: true, worker: OnceLock::new() });
+        Unavailable::skip_or_fail(booted)
     }
 
     /// The box of this test binary, booted by the first test that asks and shared by all its
@@ -58,14 +52,7 @@ impl SdBox {
             let name = format!("{}-{}", binary_stem(), std::process::id());
             boot(&name).map(|()| SdBox { name, owned: false, worker: OnceLock::new() })
         });
-        match shared {
-            Ok(sdbox) => Some(sdbox),
-            Err(Unavailable::Skip(why)) => {
-                eprintln!("SKIPPED: no systemd box: {why}");
-                None
-            }
-            Err(Unavailable::Fail(why)) => panic!("{why}"),
-        }
+        Unavailable::skip_or_fail(shared.as_ref())
     }
 
     /// The box's name (also its host name).
@@ -241,6 +228,23 @@ enum Unavailable {
     Skip(String),
     /// Should have worked: fail the test.
     Fail(String),
+}
+
+impl Unavailable {
+    /// The box, `None` (with a note) when the test is to be skipped; panics when it must fail.
+    fn skip_or_fail<T, U: std::borrow::Borrow<Unavailable>>(booted: Result<T, U>) -> Option<T> {
+        let why = match booted {
+            Ok(sdbox) => return Some(sdbox),
+            Err(why) => why,
+        };
+        match why.borrow() {
+            Unavailable::Skip(why) => {
+                eprintln!("SKIPPED: no systemd box: {why}");
+                None
+            }
+            Unavailable::Fail(why) => panic!("{why}"),
+        }
+    }
 }
 
 fn boot(name: &str) -> Result<(), Unavailable> {

@@ -5,6 +5,7 @@
 //! systemd's part with the same protocol. Either way [`status`] reports the same view.
 
 pub mod control;
+pub mod generator;
 pub mod install;
 pub mod spec;
 pub mod status;

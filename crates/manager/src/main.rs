@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use sdcluster::spec::{Balance, CONFIG_DIR, CommandLine, Instances, InstancesValue, Spec, SpecFile, check_name};
 use sdcluster::supervisor::Supervisor;
-use sdcluster::{control, install, systemctl, systemd, units};
+use sdcluster::{control, generator, install, systemctl, systemd, units};
 
 /// Run a network service on every CPU: one worker process per CPU sharing one port.
 #[derive(Parser)]
@@ -88,6 +88,23 @@ enum Command {
         /// A count, or "auto" for one per CPU.
         instances: String,
     },
+    /// systemd generator entry point (systemd.generator(7)); installed by the package.
+    #[command(hide = true)]
+    SystemdGenerator {
+        /// The "normal" output directory.
+        normal: PathBuf,
+        /// The "early" and "late" directories (unused).
+        rest: Vec<PathBuf>,
+    },
+    /// Write the man pages into DIR, or print shell completions (for packaging).
+    #[command(hide = true)]
+    Assets {
+        /// man, bash, zsh or fish.
+        kind: Asset,
+        /// Where man pages go (sdcluster.1 and sdcluster-VERB.1).
+        #[arg(required_if_eq("kind", "man"))]
+        dir: Option<PathBuf>,
+    },
     /// Show the logs of every unit of the app (journalctl).
     Logs {
         /// The app.
@@ -99,6 +116,15 @@ enum Command {
         #[arg(long, short = 'n')]
         lines: Option<u32>,
     },
+}
+
+/// What `sdcluster assets` prints.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Asset {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// Which systemd and which root the units are for.
@@ -300,11 +326,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::SystemdGenerator { normal, rest: _ } => {
+            // Without a version, render only keys every systemd knows.
+            let version = systemctl::version().unwrap_or(0);
+            for done in generator::generate(&generator::config_dir(), &normal, version)? {
+                if let generator::Generated::Invalid { path, error } = done {
+                    eprintln!("sdcluster-generator: skipping {}: {error}", path.display());
+                }
+            }
+        }
+        Command::Assets { kind, dir } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            let out = &mut std::io::stdout();
+            let shell = match kind {
+                Asset::Man => return write_man_pages(cli, &dir.unwrap_or_default()).map(|()| ExitCode::SUCCESS),
+                Asset::Bash => clap_complete::Shell::Bash,
+                Asset::Zsh => clap_complete::Shell::Zsh,
+                Asset::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut cli, "sdcluster", out);
+        }
         Command::Logs { app, follow, lines } => {
             return Err(systemd::logs(&app, follow, lines)).context("cannot run journalctl");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sdcluster.1` and one page per visible verb, as `git` and `cargo` have.
+fn write_man_pages(cli: clap::Command, dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cli = cli.name("sdcluster");
+    let mut pages = vec![("sdcluster".to_owned(), cli.clone())];
+    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("sdcluster-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, command) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command).render(&mut page)?;
+        install::write_atomically(&path, &page).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn print_answer(text: String) -> Result<ExitCode> {

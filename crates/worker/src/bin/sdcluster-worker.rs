@@ -24,6 +24,33 @@ struct Cli {
     /// runtime: the watchdog's prey) and /debug/crash (abort). For tests; never in production.
     #[arg(long, env = "SDCLUSTER_DEBUG_ENDPOINTS")]
     debug_endpoints: bool,
+
+    /// Print the man page or shell completions and exit (for packaging).
+    #[arg(long, hide = true, value_name = "KIND")]
+    generate: Option<Asset>,
+}
+
+/// What `--generate` prints.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Asset {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
+}
+
+fn print_asset(kind: Asset) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let mut cli = <Cli as clap::CommandFactory>::command();
+    let out = &mut std::io::stdout();
+    let shell = match kind {
+        Asset::Man => return clap_mangen::Man::new(cli).render(out),
+        Asset::Bash => Shell::Bash,
+        Asset::Zsh => Shell::Zsh,
+        Asset::Fish => Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cli, "sdcluster-worker", out);
+    Ok(())
 }
 
 const BODY: &str = "this is dead simple";
@@ -32,6 +59,15 @@ const MAX_DEBUG_MS: u64 = 120_000;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(kind) = cli.generate {
+        return match print_asset(kind) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sdcluster-worker: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let debug = cli.debug_endpoints;
     let app = service_fn(move |req: Request<Incoming>| async move { Ok::<_, Infallible>(answer(&req, debug).await) });
     sdcluster_worker::run(cli.worker, app)
