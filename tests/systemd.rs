@@ -75,9 +75,8 @@ fn socket_activated_workers_share_the_port_and_survive_a_kill() {
 /// Without `NonBlocking=yes` each start of an instance clears O_NONBLOCK on the listening
 /// socket all instances share (one open file description): the others then block in
 /// `accept()`, stop answering and feeding the watchdog, and are killed in turn, so one crash
-/// becomes a chain of restarts. Ignored until the worker defends itself against that.
+/// becomes a chain of restarts; the worker's accept timeout and flag repair prevent that.
 #[test]
-#[ignore = "the worker wedges in accept() when a sibling's start clears O_NONBLOCK; run with --ignored"]
 fn a_restart_does_not_wedge_the_other_workers_without_nonblocking() {
     let Some(sdbox) = SdBox::shared() else { return };
     let cluster = Cluster::start(sdbox, "blocking", false);

@@ -100,6 +100,7 @@ impl Server {
         let serving = self.listeners.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         let mut tasks = JoinSet::new();
         for listener in self.listeners {
+            guard_against_blocking(&listener);
             // SAFETY: the Listener owns its fd, which stays open and the same until the
             // AsyncFd is dropped.
             let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
@@ -173,31 +174,60 @@ where
             Err(e) => return tracing::error!("listener {} failed: {e}", listener.get_ref()),
         };
         accepted.gate.wait_turn(listener.get_ref()).await;
-        match ready.try_io(|l| {
-            accept4(l.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)
-        }) {
+        match ready.try_io(|l| accept(l.get_ref())) {
             Err(_would_block) => continue,
-            Ok(Ok(fd)) => {
-                // SAFETY: accept4 returned a new fd that nothing else owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                match listener.get_ref() {
-                    Listener::Tcp(_) => {
-                        let stream = std::net::TcpStream::from(fd);
-                        let _ = stream.set_nodelay(true);
-                        match tokio::net::TcpStream::from_std(stream) {
-                            Ok(io) => spawn_connection(io, &accepted),
-                            Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                        }
-                    }
-                    Listener::Unix(_) => match tokio::net::UnixStream::from_std(fd.into()) {
+            Ok(Ok(fd)) => match listener.get_ref() {
+                Listener::Tcp(_) => {
+                    let stream = std::net::TcpStream::from(fd);
+                    let _ = stream.set_nodelay(true);
+                    match tokio::net::TcpStream::from_std(stream) {
                         Ok(io) => spawn_connection(io, &accepted),
                         Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                    },
+                    }
                 }
-            }
+                Listener::Unix(_) => match tokio::net::UnixStream::from_std(fd.into()) {
+                    Ok(io) => spawn_connection(io, &accepted),
+                    Err(e) => tracing::warn!("cannot register a connection: {e}"),
+                },
+            },
             Ok(Err(e)) => back_off(e).await,
         }
     }
+}
+
+/// A blocking `accept()` on the shared socket gives up after this long (`SO_RCVTIMEO`).
+///
+/// Every process sharing a socket shares its O_NONBLOCK flag, and systemd sets that flag on
+/// each start of any service the socket is passed to (`NonBlocking=`, off by default). One
+/// unit without `NonBlocking=yes` would leave every worker's only thread asleep in `accept()`
+/// until the watchdog kills it; with this timeout it wakes up, and [`accept`] restores the flag.
+const ACCEPT_TIMEOUT: Duration = Duration::from_millis(5);
+
+/// Prepares a listener for sharing: see [`ACCEPT_TIMEOUT`].
+fn guard_against_blocking(listener: &Listener) {
+    let timeout = nix::sys::time::TimeVal::new(0, ACCEPT_TIMEOUT.as_micros() as _);
+    if let Err(e) = nix::sys::socket::setsockopt(listener, nix::sys::socket::sockopt::ReceiveTimeout, &timeout) {
+        tracing::warn!("cannot set an accept timeout on {listener}: {e}");
+    }
+}
+
+/// One `accept4`; if it blocked, somebody cleared O_NONBLOCK on the shared socket: set it
+/// again and say who is likely to blame.
+fn accept(listener: &Listener) -> io::Result<OwnedFd> {
+    let started = std::time::Instant::now();
+    let accepted = accept4(listener.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC);
+    if started.elapsed() >= ACCEPT_TIMEOUT / 2 {
+        let flags = nix::fcntl::fcntl(listener, nix::fcntl::FcntlArg::F_GETFL).unwrap_or(0);
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags);
+        if !flags.contains(nix::fcntl::OFlag::O_NONBLOCK) {
+            tracing::warn!(
+                "the shared socket {listener} was switched to blocking mode (a service started without NonBlocking=yes?); switching it back"
+            );
+            let _ = nix::fcntl::fcntl(listener, nix::fcntl::FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK));
+        }
+    }
+    // SAFETY: accept4 returned a new fd that nothing else owns.
+    accepted.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).map_err(io::Error::from)
 }
 
 /// Accept errors are about the process or one connection, never fatal to the listener.
