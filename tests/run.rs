@@ -140,6 +140,7 @@ fn marker_worker(dir: &TestDir) -> (PathBuf, PathBuf) {
     (script, marker)
 }
 
+/// `chmod 755 path`.
 fn make_executable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod 755");
@@ -297,6 +298,23 @@ fn a_crash_loop_backs_off_and_the_port_stays_open() {
     assert!(later > first, "restarts grows: {first} then {later}");
     assert!(TcpStream::connect(cluster.addr()).is_ok(), "the port still accepts");
     drop(queued);
+}
+
+/// Between a crash and its restart, `status` calls the instance `restarting`, as documented
+/// on `InstanceStatus::state` (and as the table test in `status.rs` shows).
+#[test]
+#[ignore = "bug: sdcluster run reports such an instance as `waiting` (its internal state name), not `restarting`"]
+fn an_instance_waiting_to_restart_shows_as_restarting() {
+    let cluster = Cluster::start(
+        "restarting",
+        &["--instances", "1", "--restart-delay", "500ms", "--restart-max-delay", "2s"],
+        &["/bin/sh", "-c", "exit 3"],
+    );
+    let between = cluster.wait_until("an instance between death and restart", |s| {
+        let i = &s.instances[0];
+        (i.restarts >= 1 && i.pid.is_none()).then(|| i.state.clone())
+    });
+    assert_eq!(between, "restarting");
 }
 
 /// `--watchdog 1s`: a worker whose event loop is blocked for 5 s stops pinging, is killed
@@ -458,11 +476,11 @@ fn the_python_worker_follows_the_protocols() {
                 if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
             });
         }
-        child.spawn().expect("start python")
+        Reaped(child.spawn().expect("start python"))
     };
 
-    let foreign = start("1").wait().expect("wait");
-    assert_eq!(foreign.code(), Some(2), "{}", logged());
+    let mut foreign = start("1");
+    assert_eq!(foreign.exit_code(), Some(2), "{}", logged());
     assert!(logged().contains("is not this process"), "{}", logged());
 
     let mut worker = start("$$");
@@ -472,17 +490,34 @@ fn the_python_worker_follows_the_protocols() {
     assert_eq!(first, "READY=1\nSTATUS=py-worker solo: 0 requests");
     let response = http::get(addr, "/");
     assert_eq!((response.status, response.worker()), (200, Some("solo")));
-    kill(worker.id(), libc::SIGTERM);
-    let stopped = wait_until(PATIENCE, || worker.try_wait().expect("try_wait"));
-    let _ = worker.kill();
-    let _ = worker.wait();
-    assert_eq!(stopped.and_then(|s| s.code()), Some(0), "exits 0 on SIGTERM; stderr:\n{}", logged());
-    let stopping = wait_until(PATIENCE, || {
+    kill(worker.0.id(), libc::SIGTERM);
+    assert_eq!(worker.exit_code(), Some(0), "exits 0 on SIGTERM; stderr:\n{}", logged());
+    // Sent before it exited, so already waiting in the socket.
+    notify.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let sent: Vec<String> = std::iter::from_fn(|| {
         let n = notify.recv(&mut buf).ok()?;
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        text.starts_with("STOPPING=1").then_some(text)
-    });
-    assert!(stopping.is_some(), "STOPPING=1 was sent");
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .collect();
+    assert!(sent.iter().any(|n| n.starts_with("STOPPING=1\n")), "no STOPPING=1 among {sent:?}");
+}
+
+/// A child process that is killed and reaped when dropped, so that a failing test leaves none.
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    /// Waits up to [`PATIENCE`] for it to exit; its exit code, `None` if it runs on or was
+    /// killed by a signal.
+    fn exit_code(&mut self) -> Option<i32> {
+        wait_until(PATIENCE, || self.0.try_wait().expect("try_wait")).and_then(|s| s.code())
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Bad configurations fail fast with a message naming the problem, exit non-zero, and start

@@ -18,6 +18,9 @@ use crate::{TestDir, net, wait_until};
 /// Generous bound for anything a cluster does (start, restart, answer a command): only
 /// reached when something is wrong.
 pub const PATIENCE: Duration = Duration::from_secs(15);
+/// How often [`Cluster::wait_until`] asks for the status (each time a `sdcluster status`
+/// process): often enough to see changes promptly, rarely enough not to load the machine.
+pub const STATUS_POLL: Duration = Duration::from_millis(30);
 
 /// The `sdcluster` binary of the profile these tests were built with, up to date (built by
 /// [`crate::build_binary`] on first use, like the worker).
@@ -43,18 +46,25 @@ pub fn sdcluster_command(runtime_dir: &Path) -> Command {
 /// Runs `sdcluster ARGS` to completion (it must end within [`PATIENCE`]) and returns its
 /// output. For commands that should fail fast, such as `sdcluster run` with a bad config.
 pub fn sdcluster_output(runtime_dir: &Path, args: &[&str]) -> Output {
-    let mut child = sdcluster_command(runtime_dir)
+    let child = sdcluster_command(runtime_dir)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start sdcluster {args:?}: {e}"));
-    if wait_until(PATIENCE, || child.try_wait().expect("try_wait")).is_none() {
-        let _ = child.kill();
-        let output = child.wait_with_output().expect("collect output");
-        panic!("sdcluster {args:?} still ran after {PATIENCE:?}; stderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    let pid = child.id();
+    // Read both pipes while waiting (a full pipe would stall the child), on a thread, so that
+    // a hung command can be killed.
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    match output.recv_timeout(PATIENCE) {
+        Ok(output) => output.expect("collect output"),
+        Err(_) => {
+            // SAFETY: kill(2) on our child, not reaped until it exits.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("sdcluster {args:?} still ran after {PATIENCE:?}");
+        }
     }
-    child.wait_with_output().expect("collect output")
 }
 
 /// One `sdcluster run` on `127.0.0.1:<free port>` with its own runtime folder and app name,
@@ -169,19 +179,27 @@ impl Cluster {
         self.status().instances.iter().filter_map(|i| i.pid).collect()
     }
 
-    /// Polls the status until `probe` returns `Some` (the supervisor may not answer yet), for
-    /// at most [`PATIENCE`]; panics with `what`, the last status and the stderr otherwise.
+    /// Polls the status every [`STATUS_POLL`] until `probe` returns `Some` (the supervisor
+    /// may not answer yet), for at most [`PATIENCE`]; panics with `what`, the last status and
+    /// the stderr otherwise.
     pub fn wait_until<T>(&self, what: &str, mut probe: impl FnMut(&ClusterStatus) -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
         let mut last = None;
-        let found = wait_until(PATIENCE, || {
-            let status = self.try_status()?;
-            let found = probe(&status);
-            last = Some(status);
-            found
-        });
-        found.unwrap_or_else(|| {
-            panic!("{what}: not within {PATIENCE:?}; last status: {last:#?}\nsupervisor stderr:\n{}", self.stderr())
-        })
+        loop {
+            if let Some(status) = self.try_status() {
+                if let Some(found) = probe(&status) {
+                    return found;
+                }
+                last = Some(status);
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what}: not within {PATIENCE:?}; last status: {last:#?}\nsupervisor stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(STATUS_POLL);
+        }
     }
 
     /// Waits until exactly `n` instances are listed, each `running` with a pid; returns that

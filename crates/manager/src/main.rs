@@ -96,12 +96,14 @@ enum Command {
         /// The "early" and "late" directories (unused).
         rest: Vec<PathBuf>,
     },
-    /// Write the man pages into DIR, or print shell completions (for packaging).
+    /// Write the man pages into DIR (`assets man DIR`), or print a shell's completions
+    /// (`assets bash|zsh|fish`), for packaging.
     #[command(hide = true)]
     Assets {
         /// man, bash, zsh or fish.
-        kind: Asset,
-        /// Where man pages go (sdcluster.1 and sdcluster-VERB.1).
+        #[arg(value_parser = sdcluster_assets::parse_asset)]
+        kind: sdcluster_assets::Asset,
+        /// Where sdcluster.1 and sdcluster-VERB.1 go.
         #[arg(required_if_eq("kind", "man"))]
         dir: Option<PathBuf>,
     },
@@ -116,15 +118,6 @@ enum Command {
         #[arg(long, short = 'n')]
         lines: Option<u32>,
     },
-}
-
-/// What `sdcluster assets` prints.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Asset {
-    Man,
-    Bash,
-    Zsh,
-    Fish,
 }
 
 /// Which systemd and which root the units are for.
@@ -336,40 +329,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Assets { kind, dir } => {
-            let mut cli = <Cli as clap::CommandFactory>::command();
-            let out = &mut std::io::stdout();
-            let shell = match kind {
-                Asset::Man => return write_man_pages(cli, &dir.unwrap_or_default()).map(|()| ExitCode::SUCCESS),
-                Asset::Bash => clap_complete::Shell::Bash,
-                Asset::Zsh => clap_complete::Shell::Zsh,
-                Asset::Fish => clap_complete::Shell::Fish,
-            };
-            clap_complete::generate(shell, &mut cli, "sdcluster", out);
+            let cli = <Cli as clap::CommandFactory>::command();
+            match (kind, dir) {
+                (sdcluster_assets::Asset::Man, Some(dir)) => {
+                    for page in sdcluster_assets::write_man_pages(cli, "sdcluster", &dir)? {
+                        println!("{}", page.display());
+                    }
+                }
+                (kind, _) => kind.print(cli, "sdcluster")?,
+            }
         }
         Command::Logs { app, follow, lines } => {
             return Err(systemd::logs(&app, follow, lines)).context("cannot run journalctl");
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `sdcluster.1` and one page per visible verb, as `git` and `cargo` have.
-fn write_man_pages(cli: clap::Command, dir: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let cli = cli.name("sdcluster");
-    let mut pages = vec![("sdcluster".to_owned(), cli.clone())];
-    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("sdcluster-{}", sub.get_name());
-        pages.push((name.clone(), sub.clone().name(name)));
-    }
-    for (name, command) in pages {
-        let path = dir.join(format!("{name}.1"));
-        let mut page = Vec::new();
-        clap_mangen::Man::new(command).render(&mut page)?;
-        install::write_atomically(&path, &page).with_context(|| format!("cannot write {}", path.display()))?;
-        println!("{}", path.display());
-    }
-    Ok(())
 }
 
 fn print_answer(text: String) -> Result<ExitCode> {

@@ -40,14 +40,10 @@ mod stats;
 
 use std::process::ExitCode;
 
-use bytes::Bytes;
-use hyper::body::{Body, Incoming};
-use hyper::service::Service;
-use hyper::{Request, Response};
 use tokio::signal::unix::{SignalKind, signal};
 
 pub use listeners::{Acquired, ListenError, acquire};
-pub use ops::{Instrumented, OpsBody, WORKER_HEADER};
+pub use ops::{App, AppBody, Instrumented, OpsBody, WORKER_HEADER};
 pub use options::Options;
 pub use sdcluster_protocol::listen_fds;
 pub use serve::{DrainTimedOut, Server};
@@ -56,21 +52,12 @@ pub use stats::Stats;
 /// Exit status for bad input (arguments, environment, passed fds): restarting won't help.
 pub const EXIT_BAD_INPUT: u8 = 2;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// The whole life of a worker process: logging, sockets, runtime, serving, drain.
 ///
 /// Call it first thing in `main`, before any thread is started: it removes the `LISTEN_*`
 /// variables from the environment so that children don't inherit them. Exits 0 after a clean
 /// drain, 1 when the drain timed out or serving failed, 2 on bad input.
-pub fn run<S, B>(opts: Options, app: S) -> ExitCode
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+pub fn run<S: App>(opts: Options, app: S) -> ExitCode {
     logging::init();
     raise_open_files_limit();
     // SAFETY: `run` is documented to be called before any other thread exists.

@@ -18,6 +18,34 @@ use crate::stats::Stats;
 /// The response header naming the worker that answered, so anyone can see the spread.
 pub const WORKER_HEADER: HeaderName = HeaderName::from_static("x-sdcluster-worker");
 
+/// A hyper service a worker can serve: any `hyper::service::Service` of requests whose
+/// futures can move between threads (tower services fit through
+/// `hyper_util::service::TowerToHyperService`).
+pub trait App:
+    Service<Request<Incoming>, Response = Response<Self::Body>, Error: Into<BoxError>, Future: Send + 'static>
+    + Send
+    + Sync
+    + 'static
+{
+    /// The app's response body.
+    type Body: AppBody;
+}
+
+impl<S, B: AppBody> App for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+        + Send
+        + Sync
+        + 'static,
+{
+    type Body = B;
+}
+
+/// A response body a worker can send.
+pub trait AppBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> AppBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
 /// What the layer answers with: its own small bodies, or the app's.
 pub type OpsBody<B> = Either<Full<Bytes>, B>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -100,14 +128,8 @@ impl<S> Instrumented<S> {
     }
 }
 
-impl<S, B> Service<Request<Incoming>> for Instrumented<S>
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Send + 'static,
-{
-    type Response = Response<OpsBody<B>>;
+impl<S: App> Service<Request<Incoming>> for Instrumented<S> {
+    type Response = Response<OpsBody<S::Body>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 

@@ -7,11 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
-use hyper::service::Service;
-use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use nix::sys::socket::{SockFlag, accept4};
 use sdcluster_protocol::{BalanceTable, Listener};
@@ -24,11 +20,9 @@ use tokio::task::JoinSet;
 use crate::gate::Gate;
 use crate::listeners::Acquired;
 use crate::notify::{Notifier, status_line};
-use crate::ops::Instrumented;
+use crate::ops::{App, Instrumented};
 use crate::options::Options;
 use crate::stats::{Rejected, Stats};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The drain deadline passed with requests still in flight; they were cut off.
 #[derive(Debug, thiserror::Error)]
@@ -68,20 +62,13 @@ impl Server {
     /// accepting, lets requests in flight finish, closes idle connections.
     ///
     /// `READY=1` is sent once every listener is being served, `STOPPING=1` when the drain
-    /// starts. A second `shutdown`-like signal is the caller's business (see [`crate::run`]).
-    pub async fn serve<S, B>(
+    /// starts; `abort_drain` completing cuts the drain short (a second SIGTERM in [`crate::run`]).
+    pub async fn serve<S: App>(
         self,
         app: S,
         shutdown: impl Future<Output = ()>,
         abort_drain: impl Future<Output = ()>,
-    ) -> Result<(), DrainTimedOut>
-    where
-        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Result<(), DrainTimedOut> {
         let notifier = Notifier::from_env();
         let gate = Arc::new(Gate::new(
             Arc::clone(&self.stats),
@@ -160,14 +147,7 @@ struct Accepted<S> {
 /// to send it (a client that connected just before the drain is sending it now).
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
-async fn accept_loop<S, B>(listener: AsyncFd<Listener>, accepted: Accepted<S>)
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+async fn accept_loop<S: App>(listener: AsyncFd<Listener>, accepted: Accepted<S>) {
     loop {
         let mut ready = match listener.readable().await {
             Ok(ready) => ready,
@@ -245,14 +225,9 @@ async fn back_off(e: io::Error) {
     }
 }
 
-fn spawn_connection<IO, S, B>(io: IO, accepted: &Accepted<S>)
+fn spawn_connection<IO, S: App>(io: IO, accepted: &Accepted<S>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
 {
     accepted.gate.opened();
     let gate = Arc::clone(&accepted.gate);

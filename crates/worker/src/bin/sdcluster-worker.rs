@@ -25,32 +25,9 @@ struct Cli {
     #[arg(long, env = "SDCLUSTER_DEBUG_ENDPOINTS")]
     debug_endpoints: bool,
 
-    /// Print the man page or shell completions and exit (for packaging).
-    #[arg(long, hide = true, value_name = "KIND")]
-    generate: Option<Asset>,
-}
-
-/// What `--generate` prints.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Asset {
-    Man,
-    Bash,
-    Zsh,
-    Fish,
-}
-
-fn print_asset(kind: Asset) -> std::io::Result<()> {
-    use clap_complete::Shell;
-    let mut cli = <Cli as clap::CommandFactory>::command();
-    let out = &mut std::io::stdout();
-    let shell = match kind {
-        Asset::Man => return clap_mangen::Man::new(cli).render(out),
-        Asset::Bash => Shell::Bash,
-        Asset::Zsh => Shell::Zsh,
-        Asset::Fish => Shell::Fish,
-    };
-    clap_complete::generate(shell, &mut cli, "sdcluster-worker", out);
-    Ok(())
+    /// Print the man page (man) or a shell's completions (bash, zsh, fish) and exit.
+    #[arg(long, hide = true, value_name = "KIND", value_parser = sdcluster_assets::parse_asset)]
+    generate: Option<sdcluster_assets::Asset>,
 }
 
 const BODY: &str = "this is dead simple";
@@ -59,14 +36,13 @@ const MAX_DEBUG_MS: u64 = 120_000;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(kind) = cli.generate {
-        return match print_asset(kind) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("sdcluster-worker: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(asset) = cli.generate {
+        let command = <Cli as clap::CommandFactory>::command();
+        if let Err(e) = asset.print(command, "sdcluster-worker") {
+            eprintln!("sdcluster-worker: {e}");
+            return ExitCode::FAILURE;
+        }
+        return ExitCode::SUCCESS;
     }
     let debug = cli.debug_endpoints;
     let app = service_fn(move |req: Request<Incoming>| async move { Ok::<_, Infallible>(answer(&req, debug).await) });
