@@ -303,7 +303,6 @@ fn a_crash_loop_backs_off_and_the_port_stays_open() {
 /// Between a crash and its restart, `status` calls the instance `restarting`, as documented
 /// on `InstanceStatus::state` (and as the table test in `status.rs` shows).
 #[test]
-#[ignore = "bug: sdcluster run reports such an instance as `waiting` (its internal state name), not `restarting`"]
 fn an_instance_waiting_to_restart_shows_as_restarting() {
     let cluster = Cluster::start(
         "restarting",

@@ -135,6 +135,15 @@ pub enum Balance {
     Reuseport,
 }
 
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Balance::Shared => "shared",
+            Balance::Reuseport => "reuseport",
+        })
+    }
+}
+
 /// What is wrong with an app description; nothing is written when there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {

@@ -75,6 +75,19 @@ enum State {
     Stopped,
 }
 
+impl State {
+    /// The word `sdcluster status` shows.
+    fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Waiting => "restarting",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
 /// What to do when an instance's process ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Then {
@@ -229,7 +242,7 @@ impl Supervisor {
             sig(SignalKind::hangup())?,
         );
         tracing::info!(
-            "{}: {} instances of {} on {} ({:?} balance)",
+            "{}: {} instances of {} on {} ({} balance)",
             self.spec.name,
             self.instances.len(),
             self.spec.command[0],
@@ -519,7 +532,7 @@ impl Supervisor {
                     InstanceStatus {
                         instance: i.name.clone(),
                         pid: i.pid.map(|p| p.as_raw() as u32),
-                        state: format!("{:?}", i.state).to_lowercase(),
+                        state: i.state.name().to_owned(),
                         uptime_secs: i.pid.map(|_| i.started.elapsed().as_secs_f64()),
                         restarts: i.restarts,
                         memory_bytes,
