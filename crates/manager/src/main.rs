@@ -294,7 +294,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { app, json } => {
             let status = match control::request(&dir, &app, "status") {
                 Ok(answer) => serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer}"))?,
-                Err(_) => systemd::status(&app)?,
+                Err(not_running) => under_systemd(not_running, || systemd::status(&app))?,
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -304,8 +304,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Restart { app, rolling: _ } => match control::request(&dir, &app, "restart") {
             Ok(answer) => return print_answer(answer),
-            Err(_) => {
-                let n = systemd::rolling_restart(&app, |unit| eprintln!("restarting {unit}"))?;
+            Err(not_running) => {
+                let n = under_systemd(not_running, || {
+                    systemd::rolling_restart(&app, |unit| eprintln!("restarting {unit}"))
+                })?;
                 println!("restarted {n} instances one at a time");
             }
         },
@@ -313,8 +315,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let n = Instances::parse(&instances)?;
             match control::request(&dir, &app, &format!("scale {n}")) {
                 Ok(answer) => return print_answer(answer),
-                Err(_) => {
-                    let (from, to) = systemd::scale(&app, n)?;
+                Err(not_running) => {
+                    let (from, to) = under_systemd(not_running, || systemd::scale(&app, n))?;
                     println!("{app}: {from} -> {to} instances");
                 }
             }
@@ -344,6 +346,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `op` against systemd, unless systemd isn't PID 1 here either: then the app is
+/// nowhere, and the error says where both supervisors were looked for.
+fn under_systemd<T>(not_running: control::NotRunning, op: impl FnOnce() -> Result<T, systemd::OpsError>) -> Result<T> {
+    if !systemctl::booted() {
+        bail!("{not_running}, and systemd is not PID 1 here; start the app with `sdcluster run`");
+    }
+    Ok(op()?)
 }
 
 fn print_answer(text: String) -> Result<ExitCode> {
