@@ -28,9 +28,7 @@ pub enum OpsError {
     )]
     NotBooted,
     /// The app's units are not installed.
-    #[error(
-        "{0}.target is not installed; run `sdcluster install` first (or `sdcluster status` names a running `sdcluster run`?)"
-    )]
+    #[error("{0}.target is not installed: install the app with `sdcluster install`, or start it with `sdcluster run`")]
     NotInstalled(String),
     /// A listen address is held by somebody else.
     #[error(
