@@ -9,11 +9,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sdcluster::status::ClusterStatus;
-use sdcluster_tests::cluster::sdcluster_binary;
-use sdcluster_tests::http::{self, Connection};
-use sdcluster_tests::load::{Load, Reuse};
+use sdcluster_tests::http;
+use sdcluster_tests::load::{Load, MixedLoad, Reuse};
 use sdcluster_tests::sdbox::SdBox;
-use sdcluster_tests::{net, wait_until};
+use sdcluster_tests::{net, sdcluster_binary, wait_until};
 
 const GUEST_SDCLUSTER: &str = "/usr/local/bin/sdcluster";
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -89,8 +88,7 @@ impl App {
 
     /// The workers that answer `n` connections opened at once (the balance spreads them).
     fn workers_answering(&self, n: usize) -> BTreeSet<String> {
-        let mut connections: Vec<_> = (0..n).map(|_| Connection::connect(self.addr).expect("connect")).collect();
-        connections
+        http::connect_burst(self.addr, n)
             .iter_mut()
             .map(|c| c.get("/").expect("GET /").worker().expect("x-sdcluster-worker").to_owned())
             .collect()
@@ -184,7 +182,7 @@ fn a_wedged_worker_is_killed_by_the_watchdog() {
     let Some(app) = App::install("wedge", 2, &["--watchdog", "2s"]) else { return };
     let pid = app.main_pid(1);
     // Connections opened at once spread over both workers; wedge worker 1.
-    let mut connections: Vec<_> = (0..10).map(|_| Connection::connect(app.addr).unwrap()).collect();
+    let mut connections = http::connect_burst(app.addr, 10);
     let on_one = connections
         .iter_mut()
         .position(|c| c.get("/").unwrap().worker() == Some("1"))
@@ -200,20 +198,15 @@ fn a_wedged_worker_is_killed_by_the_watchdog() {
 #[test]
 fn rolling_restart_under_load_fails_no_request() {
     let Some(app) = App::install("roll", 3, &[]) else { return };
-    let fresh = Load::start(app.addr, "/", 3, Reuse::Fresh);
-    let kept = Load::start(app.addr, "/", 3, Reuse::KeepAlive);
-    fresh.wait_for_more(200);
+    let load = MixedLoad::start(app.addr, 3, 3);
+    load.wait_for_more(200);
     let before: Vec<u32> = (1..=3).map(|k| app.main_pid(k)).collect();
     let out = app.sdcluster_ok(&["restart", "--rolling", "roll"]);
     assert!(out.contains("restarted 3 instances"), "{out}");
     let after: Vec<u32> = (1..=3).map(|k| app.main_pid(k)).collect();
     assert!(before.iter().zip(&after).all(|(b, a)| b != a), "every worker replaced: {before:?} -> {after:?}");
-    fresh.wait_for_more(200);
-    let (fresh, kept) = (fresh.stop(), kept.stop());
-    eprintln!("rolling restart under load: fresh {fresh:?}, keep-alive {kept:?}");
-    for report in [fresh, kept] {
-        assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
-    }
+    load.wait_for_more(200);
+    load.stop_without_loss("a rolling restart");
 }
 
 #[test]

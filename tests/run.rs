@@ -7,71 +7,48 @@
 //! passes or fails on how fast something happened, only on what happened.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, ErrorKind};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sdcluster_tests::cluster::{Cluster, ClusterStatus, PATIENCE, is_alive, sdcluster_output, wait_all_gone};
-use sdcluster_tests::http::{self, Connection, Response};
-use sdcluster_tests::load::{Load, LoadReport, Reuse};
-use sdcluster_tests::{TestDir, net, wait_until};
+use sdcluster_tests::http::{self, Connection};
+use sdcluster_tests::load::MixedLoad;
+use sdcluster_tests::{TestDir, WorkerCommand, net, signal_pid, wait_until};
 
 /// What the reference worker answers on `/`.
 const BODY: &str = "this is dead simple";
 
 // ---------------------------------------------------------------------------------------------
-// Load: client threads that keep requesting while the cluster is restarted under them.
+// Helpers
 
-/// Fresh-connection and keep-alive clients requesting `/` side by side, reported apart.
-struct Loads {
-    fresh: Load,
-    kept: Load,
-    clients: usize,
+/// Starts `instances` reference workers, notes their pids by instance, and puts them under
+/// `fresh` + `kept` clients ([`MixedLoad`]); returns once 100 requests of each kind were
+/// answered, so that what the test does next happens while requests flow.
+fn workers_under_load(
+    name: &str,
+    instances: u32,
+    fresh: usize,
+    kept: usize,
+) -> (Cluster, BTreeMap<String, u32>, MixedLoad) {
+    let cluster = Cluster::of_workers(name, instances, &[]);
+    let before = pids_by_instance(&cluster.status());
+    let load = MixedLoad::start(cluster.addr(), fresh, kept);
+    load.wait_for_more(100);
+    (cluster, before, load)
 }
 
-impl Loads {
-    /// Starts `fresh` clients opening a connection per request and `kept` keep-alive clients.
-    fn start(addr: SocketAddr, fresh: usize, kept: usize) -> Self {
-        Self {
-            fresh: Load::start(addr, "/", fresh, Reuse::Fresh),
-            kept: Load::start(addr, "/", kept, Reuse::KeepAlive),
-            clients: fresh + kept,
-        }
-    }
-
-    /// Waits until both kinds of clients got `n` more answers: requests flow through
-    /// whatever happens next.
-    fn wait_for_more(&self, n: u64) {
-        self.fresh.wait_for_more(n);
-        self.kept.wait_for_more(n);
-    }
-
-    /// Stops every client, prints how their requests ended, and returns the fresh-connection
-    /// and the keep-alive reports.
-    fn stop(self) -> (LoadReport, LoadReport) {
-        let (fresh, kept) = (self.fresh.stop(), self.kept.stop());
-        for (what, r) in [("fresh connections", &fresh), ("keep-alive connections", &kept)] {
-            eprintln!(
-                "{what}: {} ok, {} refused, {} failed, {} idle kept-alive connections closed by the server (request sent again); failures {:?}",
-                r.ok, r.refused, r.failed, r.retried, r.samples
-            );
-        }
-        assert!(fresh.ok > 0 && kept.ok > 0, "every client got answers");
-        (fresh, kept)
-    }
+/// One instance of `sh -c 'exit 3'`, which dies as soon as it starts, restarted after
+/// `delay` doubling up to `max_delay`: a crash loop.
+fn crash_loop(name: &str, delay: &str, max_delay: &str) -> Cluster {
+    Cluster::start(
+        name,
+        &["--instances", "1", "--restart-delay", delay, "--restart-max-delay", max_delay],
+        &["/bin/sh", "-c", "exit 3"],
+    )
 }
-
-/// Whether the server announced that it closes the connection after `response`.
-fn closes(response: &Response) -> bool {
-    response.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Other helpers
 
 /// How a rolling restart is asked for.
 #[derive(Debug, Clone, Copy)]
@@ -108,13 +85,6 @@ fn roll(cluster: &Cluster, how: Roll, instances: usize) {
 /// The instance names and pids of `status`, as a map.
 fn pids_by_instance(status: &ClusterStatus) -> BTreeMap<String, u32> {
     status.instances.iter().filter_map(|i| Some((i.instance.clone(), i.pid?))).collect()
-}
-
-/// Sends `signal` to process `pid`.
-fn kill(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
-    assert_eq!(rc, 0, "kill -{signal} {pid}: {}", io::Error::last_os_error());
 }
 
 /// Waits until nothing accepts connections on `addr` any more; panics otherwise.
@@ -213,8 +183,7 @@ fn three_workers_share_one_port_and_the_load() {
     }
 
     // A burst of 30 connections, all open at once, then one request on each.
-    let mut connections: Vec<Connection<TcpStream>> =
-        (0..30).map(|_| Connection::connect(cluster.addr()).expect("connect")).collect();
+    let mut connections = http::connect_burst(cluster.addr(), 30);
     let mut spread: BTreeMap<String, usize> = BTreeMap::new();
     for connection in &mut connections {
         let response = connection.get("/").expect("an answer");
@@ -229,19 +198,15 @@ fn three_workers_share_one_port_and_the_load() {
 /// refuses a connection, and only requests the dead worker held can fail.
 #[test]
 fn a_killed_worker_is_replaced_without_refusing_connections() {
-    let cluster = Cluster::of_workers("kill9", 2, &[]);
-    let before = pids_by_instance(&cluster.status());
-    let load = Loads::start(cluster.addr(), 1, 2);
-    load.wait_for_more(100);
-
+    let (cluster, before, load) = workers_under_load("kill9", 2, 1, 2);
     let victim = before["1"];
-    kill(victim, libc::SIGKILL);
+    signal_pid(victim, libc::SIGKILL);
     let after = cluster.wait_until("instance 1 replaced", |s| {
         let one = s.instances.iter().find(|i| i.instance == "1")?;
         (one.state == "running" && one.pid.is_some_and(|p| p != victim)).then(|| s.clone())
     });
     load.wait_for_more(100);
-    let clients = load.clients as u64;
+    let clients = load.clients() as u64;
     let (fresh, kept) = load.stop();
 
     let one = &after.instances[0];
@@ -260,11 +225,7 @@ fn a_killed_worker_is_replaced_without_refusing_connections() {
 /// while the listening socket keeps accepting connections into its queue.
 #[test]
 fn a_crash_loop_backs_off_and_the_port_stays_open() {
-    let cluster = Cluster::start(
-        "crashloop",
-        &["--instances", "1", "--restart-delay", "100ms", "--restart-max-delay", "800ms"],
-        &["/bin/sh", "-c", "exit 3"],
-    );
+    let cluster = crash_loop("crashloop", "100ms", "800ms");
     let max = Duration::from_millis(800);
     let restarts = |log: &str| -> Vec<(f64, Duration)> {
         log.lines()
@@ -304,11 +265,7 @@ fn a_crash_loop_backs_off_and_the_port_stays_open() {
 /// on `InstanceStatus::state` (and as the table test in `status.rs` shows).
 #[test]
 fn an_instance_waiting_to_restart_shows_as_restarting() {
-    let cluster = Cluster::start(
-        "restarting",
-        &["--instances", "1", "--restart-delay", "500ms", "--restart-max-delay", "2s"],
-        &["/bin/sh", "-c", "exit 3"],
-    );
+    let cluster = crash_loop("restarting", "500ms", "2s");
     let between = cluster.wait_until("an instance between death and restart", |s| {
         let i = &s.instances[0];
         (i.restarts >= 1 && i.pid.is_none()).then(|| i.state.clone())
@@ -352,16 +309,12 @@ fn the_watchdog_kills_a_wedged_worker() {
 /// worker, and their clients reconnect, which is counted, not failed.)
 #[test]
 fn rolling_restarts_lose_no_request() {
-    let cluster = Cluster::of_workers("roll", 2, &[]);
-    let load = Loads::start(cluster.addr(), 2, 2);
-    load.wait_for_more(100);
+    let (cluster, _, load) = workers_under_load("roll", 2, 2, 2);
     for how in [Roll::Sighup, Roll::Command, Roll::Sighup, Roll::Command] {
         roll(&cluster, how, 2);
         load.wait_for_more(50);
     }
-    let (fresh, kept) = load.stop();
-    assert_eq!(fresh.refused + kept.refused, 0, "the shared socket never closes during a roll");
-    assert_eq!(fresh.failed + kept.failed, 0, "failed requests: {:?} {:?}", fresh.samples, kept.samples);
+    load.stop_without_loss("rolling restarts");
 }
 
 /// SIGTERM: a slow request in flight is finished (200), then the supervisor exits 0 with no
@@ -378,7 +331,7 @@ fn sigterm_drains_requests_in_flight_and_exits_0() {
     cluster.signal(libc::SIGTERM);
     let response = slow.read_response().expect("the request in flight is answered");
     assert_eq!((response.status, response.text().as_str()), (200, "slept\n"));
-    assert!(closes(&response), "a draining worker closes the connection: {response:?}");
+    assert!(response.closes(), "a draining worker closes the connection: {response:?}");
     let exit = cluster.wait_exit(PATIENCE);
     assert_eq!(exit.code(), Some(0), "stderr:\n{}", cluster.stderr());
     let log = cluster.stderr();
@@ -416,8 +369,7 @@ fn a_python_worker_runs_under_sdcluster() {
     // Both serve: keep bursting concurrent connections until each has answered.
     let mut seen = BTreeSet::new();
     let both = wait_until(PATIENCE, || {
-        let mut burst: Vec<Connection<TcpStream>> =
-            (0..20).map(|_| Connection::connect(cluster.addr()).expect("connect")).collect();
+        let mut burst = http::connect_burst(cluster.addr(), 20);
         for connection in &mut burst {
             let response = connection.get("/").expect("an answer");
             assert_eq!((response.status, response.text().as_str()), (200, "hello from python\n"));
@@ -441,7 +393,6 @@ fn a_python_worker_runs_under_sdcluster() {
 #[test]
 fn the_python_worker_follows_the_protocols() {
     let Some(command) = python_worker() else { return };
-    let dir = TestDir::new("py-alone");
     let listener = net::listener();
     let addr = net::addr_of(&listener);
     let name = format!("sdcluster-test-{}-py", std::process::id());
@@ -451,46 +402,31 @@ fn the_python_worker_follows_the_protocols() {
         std::os::unix::net::UnixDatagram::bind_addr(&address).expect("bind an abstract socket")
     };
     notify.set_read_timeout(Some(PATIENCE)).expect("timeout");
-    let log = dir.join("stderr");
-    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
-    // Runs the fixture with the listener as fd 3, LISTEN_FDS=1 and LISTEN_PID=`listen_pid`
-    // (`$$`: its own pid, as the shell that execs it has the same).
-    let start = |listen_pid: &str| {
-        let fd = listener.as_raw_fd();
-        let mut child = Command::new("/bin/sh");
-        child
-            .arg("-c")
-            .arg(format!("export LISTEN_PID={listen_pid}; exec \"$0\" \"$@\""))
-            .args(&command)
-            .env("LISTEN_FDS", "1")
+    // The fixture with the listener as fd 3, LISTEN_FDS=1 and LISTEN_PID its own pid, as a
+    // supervisor starts it.
+    let fixture = || {
+        WorkerCommand::new()
+            .program(&command)
+            .pass_fds(vec![net::dup(&listener)], None)
             .env("NOTIFY_SOCKET", format!("@{name}"))
             .env("SDCLUSTER_INSTANCE", "solo")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("create a log file"));
-        // SAFETY: only fcntl and dup2, async-signal-safe, between fork and exec. dup2(3, 3)
-        // would leave close-on-exec set, so fd 3 itself is made inheritable instead.
-        unsafe {
-            child.pre_exec(move || {
-                let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
-                if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-            });
-        }
-        Reaped(child.spawn().expect("start python"))
     };
 
-    let mut foreign = start("1");
-    assert_eq!(foreign.exit_code(), Some(2), "{}", logged());
-    assert!(logged().contains("is not this process"), "{}", logged());
+    let mut foreign = fixture().env("LISTEN_PID", "1").spawn();
+    assert_eq!(foreign.exit_code(PATIENCE), 2, "{}", foreign.stderr());
+    assert!(foreign.stderr().contains("is not this process"), "{}", foreign.stderr());
 
-    let mut worker = start("$$");
+    let mut worker = fixture().spawn();
     let mut buf = [0; 4096];
-    let n = notify.recv(&mut buf).unwrap_or_else(|e| panic!("no notification on @{name} ({e}); stderr:\n{}", logged()));
+    let n = notify
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no notification on @{name} ({e}); stderr:\n{}", worker.stderr()));
     let first = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert_eq!(first, "READY=1\nSTATUS=py-worker solo: 0 requests");
     let response = http::get(addr, "/");
     assert_eq!((response.status, response.worker()), (200, Some("solo")));
-    kill(worker.0.id(), libc::SIGTERM);
-    assert_eq!(worker.exit_code(), Some(0), "exits 0 on SIGTERM; stderr:\n{}", logged());
+    worker.signal(libc::SIGTERM);
+    assert_eq!(worker.exit_code(PATIENCE), 0, "exits 0 on SIGTERM; stderr:\n{}", worker.stderr());
     // Sent before it exited, so already waiting in the socket.
     notify.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
     let sent: Vec<String> = std::iter::from_fn(|| {
@@ -499,24 +435,6 @@ fn the_python_worker_follows_the_protocols() {
     })
     .collect();
     assert!(sent.iter().any(|n| n.starts_with("STOPPING=1\n")), "no STOPPING=1 among {sent:?}");
-}
-
-/// A child process that is killed and reaped when dropped, so that a failing test leaves none.
-struct Reaped(std::process::Child);
-
-impl Reaped {
-    /// Waits up to [`PATIENCE`] for it to exit; its exit code, `None` if it runs on or was
-    /// killed by a signal.
-    fn exit_code(&mut self) -> Option<i32> {
-        wait_until(PATIENCE, || self.0.try_wait().expect("try_wait")).and_then(|s| s.code())
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Bad configurations fail fast with a message naming the problem, exit non-zero, and start
@@ -598,10 +516,7 @@ fn bad_configs_are_refused_before_anything_starts() {
 /// way fails), then back up to 2.
 #[test]
 fn scale_down_drains_and_scale_up_adds() {
-    let cluster = Cluster::of_workers("scale", 3, &[]);
-    let before = pids_by_instance(&cluster.status());
-    let load = Loads::start(cluster.addr(), 1, 1);
-    load.wait_for_more(50);
+    let (cluster, before, load) = workers_under_load("scale", 3, 1, 1);
 
     assert_eq!(cluster.ctl_ok(&["scale", "scale", "1"]).trim(), "1 instances");
     let status = cluster.wait_running(1);
@@ -619,13 +534,11 @@ fn scale_down_drains_and_scale_up_adds() {
     assert_eq!(status.instances[0].pid, Some(before["1"]));
     assert!(status.instances.iter().all(|i| i.restarts == 0), "{status:?}");
     load.wait_for_more(50);
-    let (fresh, kept) = load.stop();
-    assert_eq!(fresh.refused + kept.refused, 0, "the shared socket stays open");
-    assert_eq!(fresh.failed + kept.failed, 0, "failed requests: {:?} {:?}", fresh.samples, kept.samples);
+    load.stop_without_loss("scaling");
     // The new instance serves: a burst of simultaneous connections reaches it.
     let new = status.instances[1].instance.clone();
     let reached = wait_until(PATIENCE, || {
-        let mut burst: Vec<_> = (0..10).map(|_| Connection::connect(cluster.addr()).expect("connect")).collect();
+        let mut burst = http::connect_burst(cluster.addr(), 10);
         burst.iter_mut().any(|c| c.get("/").expect("an answer").worker() == Some(new.as_str())).then_some(())
     });
     assert!(reached.is_some(), "instance {new} never answered");

@@ -5,12 +5,10 @@
 //! binary, shared by its tests: each uses its own unit names and port.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use sdcluster_tests::load::{Load, Reuse};
 use sdcluster_tests::sdbox::SdBox;
 use sdcluster_tests::{http, net, wait_until};
 
@@ -154,9 +152,8 @@ impl<'a> Cluster<'a> {
         let (one, two) = (format!("{}@1.service", self.name), format!("{}@2.service", self.name));
         let first_pid = props(self.sdbox, &one)["MainPID"].clone();
         assert_ne!(first_pid, "0");
-        let client = Client::start(self.addr);
-        wait_until(Duration::from_secs(5), || (client.answered() > 10).then_some(()))
-            .expect("no answers before the kill");
+        let client = Load::start(self.addr, "/", 1, Reuse::Fresh);
+        wait_until(Duration::from_secs(5), || (client.ok() > 10).then_some(())).expect("no answers before the kill");
         self.sdbox.exec_ok(&["kill", "-9", &first_pid]);
         let killed = Instant::now();
         let restarted = wait_until(Duration::from_secs(10), || {
@@ -172,7 +169,7 @@ impl<'a> Cluster<'a> {
         eprintln!("{one} active again {restart:?} after kill -9; meanwhile the client saw {outcome:?}");
         assert_eq!(outcome.refused, 0, "connections were refused: {outcome:?}");
         // The connection instance 1 held when it died can be reset; all others are answered.
-        assert!(outcome.other_errors.len() <= 1, "{outcome:?}");
+        assert!(outcome.failed <= 1, "{outcome:?}");
         assert_eq!(props(self.sdbox, &one)["NRestarts"], "1", "{one} restarted again");
         assert_eq!(props(self.sdbox, &two)["NRestarts"], "0", "{two} restarted too");
         assert_eq!(self.sdbox.property(&format!("{}.socket", self.name), "ActiveState"), "active");
@@ -184,8 +181,7 @@ impl<'a> Cluster<'a> {
 fn answers_until_both(addr: SocketAddr) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     let both = wait_until(Duration::from_secs(15), || {
-        let response = http::request(addr, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .unwrap_or_else(|e| panic!("GET / from {addr}: {e}"));
+        let response = http::get(addr, "/");
         assert_eq!(response.status, 200);
         let worker = response.worker().expect("an x-sdcluster-worker header").to_owned();
         *seen.entry(worker).or_insert(0) += 1;
@@ -200,54 +196,6 @@ fn answers_until_both(addr: SocketAddr) -> BTreeMap<String, usize> {
 fn props(sdbox: &SdBox, unit: &str) -> BTreeMap<String, String> {
     let out = sdbox.systemctl(&["show", "-p", "ActiveState,Result,NRestarts,MainPID,StatusText", unit]);
     out.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
-}
-
-/// What [`Client`] saw.
-#[derive(Debug, Default)]
-struct Outcome {
-    answered: usize,
-    refused: usize,
-    other_errors: Vec<String>,
-}
-
-/// Sends requests on fresh connections, one after another, until stopped.
-struct Client {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<Outcome>,
-}
-
-impl Client {
-    fn start(addr: SocketAddr) -> Client {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicUsize::new(0));
-        let (stopped, counted) = (Arc::clone(&stop), Arc::clone(&answered));
-        let thread = std::thread::spawn(move || {
-            let mut outcome = Outcome::default();
-            while !stopped.load(Ordering::Relaxed) {
-                match http::request(addr, b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n") {
-                    Ok(r) if r.status == 200 => {
-                        outcome.answered += 1;
-                        counted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => outcome.other_errors.push(format!("status {}", r.status)),
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => outcome.refused += 1,
-                    Err(e) => outcome.other_errors.push(e.to_string()),
-                }
-            }
-            outcome
-        });
-        Client { stop, answered, thread }
-    }
-
-    fn answered(&self) -> usize {
-        self.answered.load(Ordering::Relaxed)
-    }
-
-    fn stop(self) -> Outcome {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("the client thread")
-    }
 }
 
 /// On a failing test, prints the units' status and journal from the box.

@@ -34,6 +34,19 @@ fn start_on_passed_socket(command: WorkerCommand) -> (Worker, TcpListener, Socke
     (worker, listener, addr)
 }
 
+/// [`start_on_passed_socket`] for the common case: the reference worker with just `args`.
+fn start_with(args: &[&str]) -> (Worker, TcpListener, SocketAddr) {
+    start_on_passed_socket(WorkerCommand::new().args(args))
+}
+
+/// A `NOTIFY_SOCKET` for the test to receive on, in a new folder named after `label`; keep
+/// the folder as long as the socket.
+fn notify_socket(label: &str) -> (TestDir, NotifySocket) {
+    let dir = TestDir::new(label);
+    let notify = NotifySocket::bind(dir.path());
+    (dir, notify)
+}
+
 /// Asserts a 200 answered by the worker named `instance`.
 fn assert_ok_from(response: &Response, instance: &str) {
     assert_eq!(response.status, 200, "{response:?}");
@@ -98,13 +111,15 @@ fn refused_with_exit_2(command: WorkerCommand) -> String {
 }
 
 /// Starts one worker per name on one shared socket, as `bench/cluster.py` and `sdcluster run`
-/// do (fd 3 the socket, fd 4 the balance table when `balanced`), and waits until every one
-/// reported READY=1 to `notify`.
-fn start_cluster(names: &[&str], balanced: bool, notify: &mut NotifySocket) -> (Vec<Worker>, TcpListener) {
+/// do (fd 3 the socket, fd 4 the balance table when `balanced`), waits until every one
+/// reported READY=1, then opens 64 connections at once and sends one request on each: how
+/// many each worker answered.
+fn answer_a_burst(names: &[&str], balanced: bool) -> BTreeMap<String, usize> {
+    let (_dir, mut notify) = notify_socket(if balanced { "balanced" } else { "unbalanced" });
     let listener = net::listener();
     let table = balanced.then(|| net::memfd(c"sdcluster-balance"));
     let fd_names = if balanced { format!("http:{BALANCE_FD_NAME}") } else { "http".to_owned() };
-    let workers = names
+    let _workers: Vec<Worker> = names
         .iter()
         .map(|name| {
             let fds: Vec<OwnedFd> = std::iter::once(net::dup(&listener)).chain(table.as_ref().map(net::dup)).collect();
@@ -116,12 +131,8 @@ fn start_cluster(names: &[&str], balanced: bool, notify: &mut NotifySocket) -> (
         })
         .collect();
     notify.wait_for_nth("READY=1", names.len(), PATIENCE);
-    (workers, listener)
-}
 
-/// Opens 64 connections at once, then sends one request on each: how many each worker answered.
-fn answer_a_burst(addr: SocketAddr) -> BTreeMap<String, usize> {
-    let mut connections: Vec<_> = (0..64).map(|_| Connection::connect(addr).expect("connect")).collect();
+    let mut connections = http::connect_burst(net::addr_of(&listener), 64);
     for connection in &mut connections {
         connection.send_get("/").expect("send a request");
     }
@@ -139,8 +150,7 @@ fn answer_a_burst(addr: SocketAddr) -> BTreeMap<String, usize> {
 
 #[test]
 fn socket_activated_worker_serves_the_passed_socket_and_reports_to_its_supervisor() {
-    let dir = TestDir::new("activated");
-    let mut notify = NotifySocket::bind(dir.path());
+    let (_dir, mut notify) = notify_socket("activated");
     let addr = net::free_addr();
     let mut worker = WorkerCommand::new()
         .args(["--instance", "activated-1"])
@@ -174,8 +184,7 @@ fn socket_activated_worker_serves_the_passed_socket_and_reports_to_its_superviso
 
 #[test]
 fn the_watchdog_is_fed_only_when_it_names_this_process() {
-    let dir = TestDir::new("watchdog-pid");
-    let mut notify = NotifySocket::bind(dir.path());
+    let (_dir, mut notify) = notify_socket("watchdog-pid");
     let (mut worker, _listener, addr) = start_on_passed_socket(
         WorkerCommand::new()
             .args(["--instance", "not-watched"])
@@ -194,8 +203,7 @@ fn the_watchdog_is_fed_only_when_it_names_this_process() {
 
 #[test]
 fn sigterm_finishes_the_request_in_flight_and_leaves_new_connections_queued() {
-    let dir = TestDir::new("drain");
-    let mut notify = NotifySocket::bind(dir.path());
+    let (_dir, mut notify) = notify_socket("drain");
     let (mut worker, listener, addr) = start_on_passed_socket(
         WorkerCommand::new().args(["--instance", "drain", "--debug-endpoints"]).notify_socket(notify.path()),
     );
@@ -223,13 +231,8 @@ fn sigterm_finishes_the_request_in_flight_and_leaves_new_connections_queued() {
 
 #[test]
 fn a_drain_that_outlasts_drain_timeout_exits_1() {
-    let (mut worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args([
-        "--instance",
-        "cut",
-        "--debug-endpoints",
-        "--drain-timeout",
-        "300ms",
-    ]));
+    let (mut worker, _listener, addr) =
+        start_with(&["--instance", "cut", "--debug-endpoints", "--drain-timeout", "300ms"]);
     let mut slow = send_get(addr, "/debug/sleep?ms=5000");
     wait_for_open_connections(addr, 2);
 
@@ -241,8 +244,7 @@ fn a_drain_that_outlasts_drain_timeout_exits_1() {
 
 #[test]
 fn a_second_sigterm_stops_the_drain_at_once() {
-    let (mut worker, _listener, addr) =
-        start_on_passed_socket(WorkerCommand::new().args(["--instance", "twice", "--debug-endpoints"]));
+    let (mut worker, _listener, addr) = start_with(&["--instance", "twice", "--debug-endpoints"]);
     let _slow = send_get(addr, "/debug/sleep?ms=60000");
     wait_for_open_connections(addr, 2);
 
@@ -258,8 +260,7 @@ fn a_second_sigterm_stops_the_drain_at_once() {
 
 #[test]
 fn a_wedged_runtime_stops_feeding_the_watchdog_until_it_recovers() {
-    let dir = TestDir::new("wedge");
-    let mut notify = NotifySocket::bind(dir.path());
+    let (_dir, mut notify) = notify_socket("wedge");
     let (mut worker, _listener, addr) = start_on_passed_socket(
         WorkerCommand::new()
             .args(["--instance", "wedge", "--debug-endpoints"])
@@ -401,8 +402,7 @@ fn a_listener_name_matching_no_passed_socket_exits_2() {
 
 #[test]
 fn a_slowloris_client_is_cut_off_while_others_are_served() {
-    let (mut worker, _listener, addr) =
-        start_on_passed_socket(WorkerCommand::new().args(["--instance", "slow", "--header-timeout", "1s"]));
+    let (mut worker, _listener, addr) = start_with(&["--instance", "slow", "--header-timeout", "1s"]);
     assert_still_serves(&mut worker, addr, "slow");
 
     let (started_tx, started) = std::sync::mpsc::channel();
@@ -435,8 +435,7 @@ fn a_slowloris_client_is_cut_off_while_others_are_served() {
 
 #[test]
 fn a_request_head_over_max_header_bytes_gets_431() {
-    let (mut worker, _listener, addr) =
-        start_on_passed_socket(WorkerCommand::new().args(["--instance", "big", "--max-header-bytes", "8192"]));
+    let (mut worker, _listener, addr) = start_with(&["--instance", "big", "--max-header-bytes", "8192"]);
     let just_fits = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Fill: {}\r\nConnection: close\r\n\r\n", "a".repeat(7000));
     assert_ok_from(&http::request(addr, just_fits.as_bytes()).unwrap(), "big");
 
@@ -449,7 +448,7 @@ fn a_request_head_over_max_header_bytes_gets_431() {
 
 #[test]
 fn malformed_requests_get_400() {
-    let (mut worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args(["--instance", "picky"]));
+    let (mut worker, _listener, addr) = start_with(&["--instance", "picky"]);
     for garbage in [
         &b"NOT A REQUEST\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n",
@@ -463,7 +462,7 @@ fn malformed_requests_get_400() {
 
 #[test]
 fn healthz_and_metrics_are_answered_for_every_app() {
-    let (_worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args(["--instance", "ops"]));
+    let (_worker, _listener, addr) = start_with(&["--instance", "ops"]);
     let health = http::get(addr, "/healthz");
     assert_ok_from(&health, "ops");
     assert_eq!(health.text(), "ok\n");
@@ -493,8 +492,7 @@ fn healthz_and_metrics_are_answered_for_every_app() {
 
 #[test]
 fn connections_over_max_connections_wait_instead_of_being_refused() {
-    let (mut worker, _listener, addr) =
-        start_on_passed_socket(WorkerCommand::new().args(["--instance", "capped", "--max-connections", "1"]));
+    let (mut worker, _listener, addr) = start_with(&["--instance", "capped", "--max-connections", "1"]);
     let mut first = Connection::connect(addr).unwrap();
     assert_ok_from(&first.get("/").unwrap(), "capped");
 
@@ -507,14 +505,8 @@ fn connections_over_max_connections_wait_instead_of_being_refused() {
 
 #[test]
 fn a_silent_connection_cannot_hold_the_last_slot_past_header_timeout() {
-    let (mut worker, _listener, addr) = start_on_passed_socket(WorkerCommand::new().args([
-        "--instance",
-        "guarded",
-        "--max-connections",
-        "1",
-        "--header-timeout",
-        "1s",
-    ]));
+    let (mut worker, _listener, addr) =
+        start_with(&["--instance", "guarded", "--max-connections", "1", "--header-timeout", "1s"]);
     // First in the queue, so accepted first; then it holds the only slot, sending nothing.
     let mut silent = Connection::connect(addr).unwrap();
     let mut waiting = send_get(addr, "/");
@@ -525,10 +517,7 @@ fn a_silent_connection_cannot_hold_the_last_slot_past_header_timeout() {
 
 #[test]
 fn a_balance_table_spreads_a_burst_evenly_over_two_workers() {
-    let dir = TestDir::new("balanced");
-    let mut notify = NotifySocket::bind(dir.path());
-    let (_workers, listener) = start_cluster(&["w1", "w2"], true, &mut notify);
-    let answered = answer_a_burst(net::addr_of(&listener));
+    let answered = answer_a_burst(&["w1", "w2"], true);
     eprintln!("64 connections with a balance table: {answered:?}");
     for name in ["w1", "w2"] {
         let n = answered.get(name).copied().unwrap_or(0);
@@ -538,10 +527,7 @@ fn a_balance_table_spreads_a_burst_evenly_over_two_workers() {
 
 #[test]
 fn without_a_balance_table_a_burst_is_still_served() {
-    let dir = TestDir::new("unbalanced");
-    let mut notify = NotifySocket::bind(dir.path());
-    let (_workers, listener) = start_cluster(&["u1", "u2"], false, &mut notify);
-    let answered = answer_a_burst(net::addr_of(&listener));
+    let answered = answer_a_burst(&["u1", "u2"], false);
     // Not asserted: the kernel decides (see docs/design.md); reported for comparison.
     eprintln!("64 connections without a balance table: {answered:?}");
     assert_eq!(answered.values().sum::<usize>(), 64);

@@ -1,4 +1,4 @@
-//! Where the worker binary under test lives, and building it when it is missing or stale.
+//! Where the binaries under test live, and building them when they are missing or stale.
 
 use std::env;
 use std::ffi::OsString;
@@ -17,6 +17,13 @@ pub fn worker_binary() -> &'static Path {
     BINARY.get_or_init(|| build_binary("sdcluster-worker", "sdcluster-worker"))
 }
 
+/// The `sdcluster` binary (the manager: `run`, `install`, `status`, ...), built and cached the
+/// same way as [`worker_binary`].
+pub fn sdcluster_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| build_binary("sdcluster", "sdcluster"))
+}
+
 /// `target/<profile>/`: the test executable runs from its `deps/` folder.
 fn profile_dir() -> PathBuf {
     let exe = env::current_exe().expect("the test executable's path");
@@ -27,7 +34,7 @@ fn profile_dir() -> PathBuf {
 
 /// Builds `bin` of `package` with the profile of the running test (`target/<profile>/`) and
 /// returns its path; without cargo, the binary already there is used. Cache the result in a
-/// `OnceLock`, as [`worker_binary`] does, to build once per test process.
+/// `OnceLock`, as [`worker_binary`] and [`sdcluster_binary`] do, to build once per test process.
 pub fn build_binary(package: &str, bin: &str) -> PathBuf {
     let dir = profile_dir();
     let binary = dir.join(bin);

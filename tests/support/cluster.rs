@@ -2,18 +2,17 @@
 //! one supervisor with its own runtime folder, port and app name, and the `sdcluster status`,
 //! `restart` and `scale` commands pointed at it.
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::thread::JoinHandle;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use sdcluster::status::{ClusterStatus, InstanceStatus};
 
-use crate::{TestDir, net, wait_until};
+pub use crate::binary::sdcluster_binary;
+use crate::process::clear_supervisor_env;
+use crate::{ChildGuard, TestDir, net};
 
 /// Generous bound for anything a cluster does (start, restart, answer a command): only
 /// reached when something is wrong.
@@ -22,23 +21,11 @@ pub const PATIENCE: Duration = Duration::from_secs(15);
 /// process): often enough to see changes promptly, rarely enough not to load the machine.
 pub const STATUS_POLL: Duration = Duration::from_millis(30);
 
-/// The `sdcluster` binary of the profile these tests were built with, up to date (built by
-/// [`crate::build_binary`] on first use, like the worker).
-pub fn sdcluster_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| crate::build_binary("sdcluster", "sdcluster"))
-}
-
 /// `sdcluster ARGS` with `SDCLUSTER_RUNTIME_DIR=runtime_dir`, none of the test's own
 /// supervisor variables (`LISTEN_*`, `NOTIFY_SOCKET`, ...), and logs at `info`.
 pub fn sdcluster_command(runtime_dir: &Path) -> Command {
     let mut command = Command::new(sdcluster_binary());
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if ["SDCLUSTER_", "LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "RUST_LOG"].iter().any(|p| key.starts_with(p)) {
-            command.env_remove(&*key);
-        }
-    }
+    clear_supervisor_env(&mut command);
     command.env("SDCLUSTER_RUNTIME_DIR", runtime_dir).env("RUST_LOG", "info").stdin(Stdio::null());
     command
 }
@@ -73,13 +60,11 @@ pub fn sdcluster_output(runtime_dir: &Path, args: &[&str]) -> Output {
 /// Dropping it freezes the supervisor, SIGKILLs the workers it started, then the supervisor:
 /// nothing outlives the test, even a wedged worker. A failing test prints the stderr.
 pub struct Cluster {
-    child: Child,
+    /// Dropped before `dir`: the supervisor is gone before its runtime folder is removed.
+    process: ChildGuard,
     name: String,
     addr: SocketAddr,
     dir: TestDir,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    reader: Option<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
 }
 
 impl Cluster {
@@ -91,21 +76,8 @@ impl Cluster {
         let listen = addr.to_string();
         let mut run = sdcluster_command(dir.path());
         run.args(["run", "--name", name, "--listen", &listen]).args(args).arg("--").args(command);
-        run.stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = run.spawn().unwrap_or_else(|e| panic!("cannot start {run:?}: {e}"));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut pipe = child.stderr.take().expect("stderr is piped");
-        let sink = Arc::clone(&stderr);
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap_or_else(PoisonError::into_inner).extend_from_slice(&buf[..n]);
-            }
-        });
-        Self { child, name: name.to_owned(), addr, dir, stderr, reader: Some(reader), exited: None }
+        let process = ChildGuard::spawn(&mut run, format!("sdcluster run --name {name}"));
+        Self { process, name: name.to_owned(), addr, dir }
     }
 
     /// Starts `instances` reference workers (with `--debug-endpoints`) and waits until every
@@ -135,7 +107,7 @@ impl Cluster {
 
     /// The supervisor's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Runs `sdcluster ARGS` against this cluster's runtime folder; returns its output.
@@ -213,49 +185,39 @@ impl Cluster {
 
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the supervisor.
     pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which has not been reaped while we hold it.
-        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill {signal}: {}", std::io::Error::last_os_error());
+        self.process.signal(signal);
     }
 
     /// What the supervisor and its workers wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+        self.process.stderr()
     }
 
     /// Waits up to [`PATIENCE`] until `probe` finds something in the stderr; panics otherwise.
-    pub fn wait_for_stderr<T>(&self, what: &str, mut probe: impl FnMut(&str) -> Option<T>) -> T {
-        wait_until(PATIENCE, || probe(&self.stderr()))
-            .unwrap_or_else(|| panic!("{what}: not logged within {PATIENCE:?}; stderr:\n{}", self.stderr()))
+    pub fn wait_for_stderr<T>(&self, what: &str, probe: impl FnMut(&str) -> Option<T>) -> T {
+        self.process.wait_for_stderr_match(what, PATIENCE, probe)
     }
 
     /// Waits up to `timeout` for the supervisor to exit and returns how; panics if it runs on.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let status = wait_until(timeout, || self.poll_exit())
-            .unwrap_or_else(|| panic!("sdcluster run still runs after {timeout:?}; stderr:\n{}", self.stderr()));
+        let status = self.process.wait_exit(timeout);
         if status.signal().is_none() {
             // Its workers are gone too (it waits for them), so the pipe is closed: read it all.
-            if let Some(reader) = self.reader.take() {
-                let _ = reader.join();
-            }
+            // Killed by a signal, it may have left workers that still hold the pipe.
+            self.process.finish_stderr();
         }
         status
-    }
-
-    fn poll_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-        }
-        self.exited
     }
 }
 
 impl Drop for Cluster {
+    /// Freezes the supervisor and kills its workers; `process` then kills and reaps the
+    /// supervisor itself (and prints the stderr of a failed test) as it drops.
     fn drop(&mut self) {
-        if self.poll_exit().is_none() {
+        if self.process.is_running() {
             let pid = self.pid() as libc::pid_t;
-            // Frozen, it starts no new worker while its children are killed; SIGKILL last, so
-            // that it cannot restart them.
+            // Frozen, it starts no new worker while its children are killed; SIGKILL last
+            // (by the guard), so that it cannot restart them.
             // SAFETY: kill(2) on our own unreaped child and on its own children.
             unsafe {
                 libc::kill(pid, libc::SIGSTOP);
@@ -263,11 +225,6 @@ impl Drop for Cluster {
                     libc::kill(worker as libc::pid_t, libc::SIGKILL);
                 }
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- stderr of sdcluster run --name {} ---\n{}", self.name, self.stderr());
         }
     }
 }

@@ -32,6 +32,11 @@ impl Response {
         self.header(sdcluster_worker::WORKER_HEADER.as_str())
     }
 
+    /// Whether the server announced that it closes the connection after this response.
+    pub fn closes(&self) -> bool {
+        self.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+
     /// The body as text.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -162,6 +167,13 @@ impl<S: Read + Write> Connection<S> {
 pub fn get(addr: SocketAddr, path: &str) -> Response {
     request(addr, format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
         .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+}
+
+/// Opens `n` connections to `addr` before sending anything on them: they are all accepted
+/// side by side, so which worker serves each shows how the balance spreads a burst (one
+/// request after another on fresh connections would mostly reach whichever worker is idle).
+pub fn connect_burst(addr: SocketAddr, n: usize) -> Vec<Connection<TcpStream>> {
+    (0..n).map(|_| Connection::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"))).collect()
 }
 
 /// Sends `raw` on a new connection and reads one response.

@@ -130,8 +130,7 @@ fn client(addr: SocketAddr, path: &str, reuse: Reuse, stop: &AtomicBool, counter
         match connection.send(raw.as_bytes()).and_then(|()| connection.read_response()) {
             Ok(r) if r.status == 200 => {
                 counters.ok.fetch_add(1, Ordering::Relaxed);
-                let server_closes = r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-                if reuse == Reuse::KeepAlive && !server_closes {
+                if reuse == Reuse::KeepAlive && !r.closes() {
                     kept = Some(connection);
                 }
             }
@@ -149,4 +148,63 @@ fn client(addr: SocketAddr, path: &str, reuse: Reuse, stop: &AtomicBool, counter
 /// Errors that mean "the server closed this idle keep-alive connection before reading".
 fn idle_close(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+}
+
+/// Fresh-connection and keep-alive clients requesting `/` side by side, reported apart: the
+/// two ways real clients meet a restart (refused or reset connects, idle connections closed).
+pub struct MixedLoad {
+    fresh: Load,
+    kept: Load,
+    clients: usize,
+}
+
+impl MixedLoad {
+    /// Starts `fresh` clients opening a connection per request and `kept` keep-alive clients.
+    pub fn start(addr: SocketAddr, fresh: usize, kept: usize) -> Self {
+        Self {
+            fresh: Load::start(addr, "/", fresh, Reuse::Fresh),
+            kept: Load::start(addr, "/", kept, Reuse::KeepAlive),
+            clients: fresh + kept,
+        }
+    }
+
+    /// How many clients there are (each holds at most one request at a time).
+    pub fn clients(&self) -> usize {
+        self.clients
+    }
+
+    /// Waits until both kinds of clients got `n` more answers: requests flow through
+    /// whatever happens next.
+    pub fn wait_for_more(&self, n: u64) {
+        self.fresh.wait_for_more(n);
+        self.kept.wait_for_more(n);
+    }
+
+    /// Stops every client, prints how their requests ended, asserts that both kinds got
+    /// answers, and returns the fresh-connection and the keep-alive reports.
+    pub fn stop(self) -> (LoadReport, LoadReport) {
+        let (fresh, kept) = (self.fresh.stop(), self.kept.stop());
+        for (what, r) in [("fresh connections", &fresh), ("keep-alive connections", &kept)] {
+            eprintln!(
+                "{what}: {} ok, {} refused, {} failed, {} idle kept-alive connections closed by the server (request sent again); failures {:?}",
+                r.ok, r.refused, r.failed, r.retried, r.samples
+            );
+        }
+        assert!(fresh.ok > 0 && kept.ok > 0, "every client got answers");
+        (fresh, kept)
+    }
+
+    /// [`Self::stop`], then asserts that no request was refused or failed `during` what the
+    /// test did (a planned restart or scale must lose nothing).
+    pub fn stop_without_loss(self, during: &str) {
+        let (fresh, kept) = self.stop();
+        assert_eq!(fresh.refused + kept.refused, 0, "the shared socket closed during {during}");
+        assert_eq!(
+            fresh.failed + kept.failed,
+            0,
+            "failed requests during {during}: {:?} {:?}",
+            fresh.samples,
+            kept.samples
+        );
+    }
 }

@@ -16,9 +16,9 @@ mod tempdir;
 
 use std::time::{Duration, Instant};
 
-pub use binary::{build_binary, worker_binary};
+pub use binary::{build_binary, sdcluster_binary, worker_binary};
 pub use notify::{Notification, NotifySocket};
-pub use process::{StderrLog, Worker, WorkerCommand};
+pub use process::{ChildGuard, StderrLog, Worker, WorkerCommand, signal_pid};
 pub use tempdir::TestDir;
 
 /// Calls `probe` every 10 ms until it returns `Some`, for at most `timeout`.

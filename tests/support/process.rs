@@ -1,4 +1,5 @@
-//! Starting a worker the ways a supervisor does, and keeping it from outliving its test.
+//! Starting a worker the ways a supervisor does, and keeping it (or any child a test starts)
+//! from outliving its test.
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
@@ -20,6 +21,7 @@ const LISTEN_FDS_START: RawFd = 3;
 /// only known after the fork, so the worker is then started by `sh -c 'export VAR=$$; exec
 /// "$0" "$@"' worker ARGS...`: `exec` keeps the shell's pid, which becomes the worker's.
 pub struct WorkerCommand {
+    program: Vec<OsString>,
     args: Vec<OsString>,
     env: Vec<(String, OsString)>,
     own_pid_vars: Vec<String>,
@@ -36,8 +38,26 @@ impl Default for WorkerCommand {
 impl WorkerCommand {
     /// The reference worker with no arguments, logging at `info`.
     pub fn new() -> Self {
-        Self { args: Vec::new(), env: Vec::new(), own_pid_vars: Vec::new(), fds: Vec::new(), socket_activate: None }
-            .env("RUST_LOG", "info")
+        Self {
+            program: Vec::new(),
+            args: Vec::new(),
+            env: Vec::new(),
+            own_pid_vars: Vec::new(),
+            fds: Vec::new(),
+            socket_activate: None,
+        }
+        .env("RUST_LOG", "info")
+    }
+
+    /// Runs `argv` (a program and its first arguments) instead of the reference worker: a
+    /// worker written in another language, started with the same supervisor protocols.
+    pub fn program<I, A>(mut self, argv: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: AsRef<OsStr>,
+    {
+        self.program = argv.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        self
     }
 
     /// Appends arguments.
@@ -109,7 +129,11 @@ impl WorkerCommand {
                 inner.extend([OsString::from("-E"), OsString::from(key)]);
             }
         }
-        inner.push(worker_binary().into());
+        if self.program.is_empty() {
+            inner.push(worker_binary().into());
+        } else {
+            inner.extend(self.program.iter().cloned());
+        }
         inner.extend(self.args.iter().cloned());
 
         let mut command = if self.own_pid_vars.is_empty() {
@@ -122,19 +146,13 @@ impl WorkerCommand {
             command.arg("-c").arg(format!("export {exports}; exec \"$0\" \"$@\"")).args(&inner);
             command
         };
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if ["SDCLUSTER_", "LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "RUST_LOG"].iter().any(|p| key.starts_with(p)) {
-                command.env_remove(&*key);
-            }
-        }
+        clear_supervisor_env(&mut command);
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let staged = pass_fds_at_3(&mut command, &self.fds);
         let description = format!("{command:?}");
-        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {description}: {e}"));
+        let worker = ChildGuard::spawn(&mut command, description);
         drop((staged, self.fds)); // the child has its copies
-        Worker::watch(child, description)
+        worker
     }
 }
 
@@ -212,31 +230,41 @@ impl StderrLog {
     }
 }
 
-/// A running worker (or its supervisor wrapper, which becomes the worker by `exec`), with
-/// its stderr collected. Dropping it kills the process; a failing test prints its stderr.
-pub struct Worker {
+/// A spawned child with its stderr collected, its exit status cached once reaped, and a kill on
+/// drop, so that no process outlives its test. A failing test prints the child's stderr.
+///
+/// The one guard behind [`Worker`] and [`crate::cluster::Cluster`] (and any other program a
+/// test starts and watches), so that they poll, wait and clean up the same way.
+pub struct ChildGuard {
     child: Child,
     description: String,
     stderr: StderrLog,
     exited: Option<ExitStatus>,
 }
 
-impl Worker {
-    fn watch(mut child: Child, description: String) -> Self {
+/// A running worker (or its supervisor wrapper, which becomes the worker by `exec`): see
+/// [`WorkerCommand::spawn`].
+pub type Worker = ChildGuard;
+
+impl ChildGuard {
+    /// Spawns `command` with stdin and stdout on `/dev/null` and stderr collected; `description`
+    /// names it in messages.
+    pub fn spawn(command: &mut Command, description: String) -> Self {
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
         let stderr = StderrLog::collect(&mut child);
         Self { child, description, stderr, exited: None }
     }
 
-    /// The worker's pid.
+    /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child, which has not been reaped while we hold it.
-        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill {signal}: {}", std::io::Error::last_os_error());
+        // Our own child cannot be reaped (and its pid reused) while we hold it.
+        signal_pid(self.pid(), signal);
     }
 
     /// What it wrote to stderr so far.
@@ -246,9 +274,20 @@ impl Worker {
 
     /// Waits up to `timeout` for stderr to contain `needle`; panics otherwise.
     pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) {
-        if wait_until(timeout, || self.stderr().contains(needle).then_some(())).is_none() {
-            panic!("{} did not log {needle:?} within {timeout:?}; stderr:\n{}", self.description, self.stderr());
-        }
+        self.wait_for_stderr_match(&format!("{needle:?}"), timeout, |log| log.contains(needle).then_some(()));
+    }
+
+    /// Waits up to `timeout` until `probe` finds something in the stderr; panics naming `what`
+    /// otherwise.
+    pub fn wait_for_stderr_match<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut(&str) -> Option<T>,
+    ) -> T {
+        wait_until(timeout, || probe(&self.stderr())).unwrap_or_else(|| {
+            panic!("{} did not log {what} within {timeout:?}; stderr:\n{}", self.description, self.stderr())
+        })
     }
 
     /// Whether it is still running.
@@ -256,17 +295,31 @@ impl Worker {
         self.poll_exit().is_none()
     }
 
+    /// Waits up to `timeout` for it to exit and returns how; panics if it runs on. Its stderr
+    /// may still be incomplete: see [`Self::finish_stderr`].
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_until(timeout, || self.poll_exit())
+            .unwrap_or_else(|| panic!("{} still runs after {timeout:?}; stderr:\n{}", self.description, self.stderr()))
+    }
+
+    /// Reads its stderr to the end; call it once it (and anything that inherited its stderr)
+    /// has exited, or it blocks until they have.
+    pub fn finish_stderr(&mut self) {
+        self.stderr.finish();
+    }
+
     /// Waits up to `timeout` for it to exit, then returns its exit code (stderr is complete
     /// by then); panics if it is still running or was killed by a signal.
     pub fn exit_code(&mut self, timeout: Duration) -> i32 {
-        let status = wait_until(timeout, || self.poll_exit())
-            .unwrap_or_else(|| panic!("{} still runs after {timeout:?}; stderr:\n{}", self.description, self.stderr()));
-        self.stderr.finish();
+        let status = self.wait_exit(timeout);
+        self.finish_stderr();
         status.code().unwrap_or_else(|| {
             panic!("{} was killed by signal {:?}; stderr:\n{}", self.description, status.signal(), self.stderr())
         })
     }
 
+    /// Its exit status once it exited, reaping it then; remembered, since a reaped child
+    /// cannot be asked again.
     fn poll_exit(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
             self.exited = self.child.try_wait().expect("try_wait");
@@ -275,7 +328,7 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
+impl Drop for ChildGuard {
     fn drop(&mut self) {
         if self.poll_exit().is_none() {
             let _ = self.child.kill();
@@ -283,6 +336,25 @@ impl Drop for Worker {
         }
         if std::thread::panicking() {
             eprintln!("--- stderr of {} ---\n{}", self.description, self.stderr());
+        }
+    }
+}
+
+/// Sends `signal` to process `pid`; panics if it cannot (no such process).
+pub fn signal_pid(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill -{signal} {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// Removes the test's own supervisor variables (`LISTEN_*`, `NOTIFY_SOCKET`, `SDCLUSTER_*`,
+/// ...) from what `command` inherits: a test run under systemd or `sdcluster run` must not
+/// hand them to the program it tests.
+pub(crate) fn clear_supervisor_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if ["SDCLUSTER_", "LISTEN_", "WATCHDOG_", "NOTIFY_SOCKET", "RUST_LOG"].iter().any(|p| key.starts_with(p)) {
+            command.env_remove(&*key);
         }
     }
 }
