@@ -36,7 +36,7 @@ use crate::status::{ClusterStatus, InstanceStatus, process_usage};
 /// A worker that has not sent `READY=1` after this long is stopped and tried again.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// A worker up this long after `READY=1` is no longer part of a crash loop.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
+const STABLE_AFTER: Duration = Duration::from_secs(1);
 /// The smallest step of the crash-loop backoff when the restart delay is 0.
 const MIN_BACKOFF_STEP: Duration = Duration::from_millis(50);
 
