@@ -240,7 +240,7 @@ fn the_socket_restarts_and_a_stopped_app_starts_on_demand() {
     app.sdbox.systemctl(&["stop", "ondemand.target"]);
     assert_eq!(app.sdbox.property(&app.unit(1), "ActiveState"), "inactive");
     assert_eq!(http::get(app.addr, "/").status, 200);
-    assert_eq!(app.sdbox.property("ondemand.target", "ActiveState"), "active");
+    app.sdbox.wait_active("ondemand.target");
 }
 
 #[test]

@@ -10,6 +10,10 @@
 //!
 //! By default a box shares the host's network namespace: the test connects from the host to
 //! the ports the box's socket units bind.
+//!
+//! [`SdBox::up_with`] boots a box of one's own with [`Boot`] options: `persistent` keeps what
+//! the guest writes across [`SdBox::reboot`], `cpus` pins the guest to some CPUs,
+//! `private_network` gives it a network of its own.
 
 use std::io::Write;
 use std::path::Path;
@@ -25,6 +29,33 @@ pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/sdbox");
 /// Where [`SdBox::install_worker`] puts the worker in the box.
 pub const GUEST_WORKER: &str = "/usr/local/bin/sdcluster-worker";
 
+/// How [`SdBox::up_with`] boots a box.
+#[derive(Debug, Clone, Default)]
+pub struct Boot {
+    /// Keep what the guest writes (packages, enabled units, files) across [`SdBox::reboot`];
+    /// it is gone once the box is down (`SDBOX_PERSIST=1`).
+    pub persistent: bool,
+    /// Run the guest on these CPUs only, a list such as `0` or `0,2-3` (`SDBOX_CPU_AFFINITY`):
+    /// its systemd, and so whatever counts "one per CPU" there, sees only these.
+    pub cpus: Option<String>,
+    /// Give the box a network namespace of its own, with only its own loopback: ports there
+    /// can't collide with the host's, and tests reach them from inside (`SDBOX_PRIVATE_NET=1`).
+    pub private_network: bool,
+}
+
+impl Boot {
+    /// The `tests/sdbox` environment for these options: every variable they stand for, set,
+    /// so that none comes from the test's own environment.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let flag = |on: bool| if on { "1" } else { "0" }.to_owned();
+        vec![
+            ("SDBOX_PERSIST", flag(self.persistent)),
+            ("SDBOX_CPU_AFFINITY", self.cpus.clone().unwrap_or_default()),
+            ("SDBOX_PRIVATE_NET", flag(self.private_network)),
+        ]
+    }
+}
+
 /// A running box; see the module documentation.
 #[derive(Debug)]
 pub struct SdBox {
@@ -39,8 +70,26 @@ impl SdBox {
     /// Boots (or joins, if already up) the box `name` ([A-Za-z0-9-]); it is halted on drop.
     /// `None`: skipped, because this test can't be root here and isn't running on CI.
     pub fn up(name: &str) -> Option<SdBox> {
-        let booted = boot(name).map(|()| SdBox { name: name.to_owned(), owned: true, worker: OnceLock::new() });
+        Self::up_with(name, &Boot::default())
+    }
+
+    /// [`SdBox::up`] with [`Boot`] options.
+    pub fn up_with(name: &str, options: &Boot) -> Option<SdBox> {
+        let booted = boot(name, "up", &options.env()).map(|()| SdBox {
+            name: name.to_owned(),
+            owned: true,
+            worker: OnceLock::new(),
+        });
         Unavailable::skip_or_fail(booted)
+    }
+
+    /// Halts the box cleanly and boots it again with `options` (CPUs, network: what a new
+    /// boot may change) and with everything the guest wrote, which needs a box booted with
+    /// [`Boot::persistent`]. Panics if the box does not come up again.
+    pub fn reboot(&self, options: &Boot) {
+        if let Err(Unavailable::Fail(why) | Unavailable::Skip(why)) = boot(&self.name, "reboot", &options.env()) {
+            panic!("[{}] reboot: {why}", self.name);
+        }
     }
 
     /// The box of this test binary, booted by the first test that asks and shared by all its
@@ -50,7 +99,7 @@ impl SdBox {
         static SHARED: OnceLock<Result<SdBox, Unavailable>> = OnceLock::new();
         let shared = SHARED.get_or_init(|| {
             let name = format!("{}-{}", binary_stem(), std::process::id());
-            boot(&name).map(|()| SdBox { name, owned: false, worker: OnceLock::new() })
+            boot(&name, "up", &[]).map(|()| SdBox { name, owned: false, worker: OnceLock::new() })
         });
         Unavailable::skip_or_fail(shared.as_ref())
     }
@@ -247,7 +296,8 @@ impl Unavailable {
     }
 }
 
-fn boot(name: &str) -> Result<(), Unavailable> {
+/// Runs `tests/sdbox up` (or `reboot`) for box `name`, with `env` for the script.
+fn boot(name: &str, command: &str, env: &[(&str, String)]) -> Result<(), Unavailable> {
     let on_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
     if !is_root() {
         let why = "booting a box needs root (run the tests with sudo, or as root)".to_owned();
@@ -255,21 +305,23 @@ fn boot(name: &str) -> Result<(), Unavailable> {
     }
     let started = Instant::now();
     let out = Command::new(SCRIPT)
-        .arg("up")
+        .arg(command)
         .env("SDBOX_NAME", name)
         .env("SDBOX_OWNER_PID", std::process::id().to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Unavailable::Fail(format!("cannot run {SCRIPT}: {e}")))?;
     if !out.status.success() {
+        let env: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
         return Err(Unavailable::Fail(format!(
-            "`SDBOX_NAME={name} {SCRIPT} up` failed ({}):\n{}{}",
+            "`SDBOX_NAME={name} {env}{SCRIPT} {command}` failed ({}):\n{}{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    eprintln!("[{name}] box up in {:.1?}", started.elapsed());
+    eprintln!("[{name}] box {command} in {:.1?}", started.elapsed());
     Ok(())
 }
 
