@@ -180,6 +180,12 @@ struct SpecArgs {
 impl SpecArgs {
     /// The validated spec, and where it came from (for unit headers).
     fn resolve(self) -> Result<(Spec, PathBuf)> {
+        self.resolve_checking(true)
+    }
+
+    /// As `resolve`; `program_here`: the worker program must exist on this machine (false
+    /// when units are only rendered, e.g. for a package).
+    fn resolve_checking(self, program_here: bool) -> Result<(Spec, PathBuf)> {
         let path = self.config.as_ref().map(|c| {
             if c.contains('/') || c.ends_with(".toml") {
                 PathBuf::from(c)
@@ -188,7 +194,9 @@ impl SpecArgs {
             }
         });
         let source = path.clone().unwrap_or_else(|| "command-line flags".into());
-        Ok((self.spec_file(path)?.validate()?, source))
+        let file = self.spec_file(path)?;
+        let spec = if program_here { file.validate()? } else { file.validate_elsewhere()? };
+        Ok((spec, source))
     }
 
     fn spec_file(self, path: Option<PathBuf>) -> Result<SpecFile> {
@@ -248,7 +256,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let dir = control::runtime_dir();
     match cli.command {
         Command::Generate { spec, output, target } => {
-            let (spec, source) = spec.resolve()?;
+            let (spec, source) = spec.resolve_checking(false)?;
             let units = units::render(&spec, target.version()?, &source);
             match output {
                 None => {
@@ -322,11 +330,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::SystemdGenerator { normal, rest: _ } => {
-            // Without a version, render only keys every systemd knows.
-            let version = systemctl::version().unwrap_or(0);
-            for done in generator::generate(&generator::config_dir(), &normal, version)? {
-                if let generator::Generated::Invalid { path, error } = done {
-                    eprintln!("sdcluster-generator: skipping {}: {error}", path.display());
+            // systemd sends a generator's stderr to the kernel log, where boot problems are read.
+            let unit_path: Vec<&std::path::Path> = generator::UNIT_PATH.iter().map(std::path::Path::new).collect();
+            for done in generator::generate(&generator::config_dir(), &unit_path, &normal)? {
+                if let generator::Generated::Wanted { name, instances, problem: Some(problem) } = done {
+                    eprintln!(
+                        "sdcluster-generator: {name}: {problem}; running {instances} workers (one per CPU) until it is fixed"
+                    );
                 }
             }
         }

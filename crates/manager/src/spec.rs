@@ -185,7 +185,8 @@ pub struct SpecFile {
     pub name: Option<String>,
     /// A program and arguments: an array, or a string split at whitespace.
     pub command: Option<CommandLine>,
-    /// Addresses (`127.0.0.1:8080`, `[::]:80`, `unix:/run/app.sock`).
+    /// Addresses (`127.0.0.1:8080`, `[::]:80`, `unix:/run/app.sock`); an IPv6 address
+    /// serves IPv6 only, so list `*:80` and `[::]:80` for both.
     pub listen: Option<Vec<String>>,
     /// `"auto"` or a number.
     pub instances: Option<InstancesValue>,
@@ -243,6 +244,16 @@ impl SpecFile {
 
     /// Checks every value and fills in the defaults.
     pub fn validate(self) -> Result<Spec, SpecError> {
+        self.checked(true)
+    }
+
+    /// As [`SpecFile::validate`], but the worker program need not exist here: for rendering
+    /// units on a machine other than the one that will run them (a package build).
+    pub fn validate_elsewhere(self) -> Result<Spec, SpecError> {
+        self.checked(false)
+    }
+
+    fn checked(self, program_here: bool) -> Result<Spec, SpecError> {
         let name =
             self.name.ok_or_else(|| invalid("name", "missing: give the app a name (--name or name = \"...\")"))?;
         check_name(&name)?;
@@ -256,7 +267,7 @@ impl SpecFile {
             Some(CommandLine::Line(line)) => line.split_whitespace().map(str::to_owned).collect(),
             Some(CommandLine::Argv(argv)) => argv,
         };
-        check_command(&command)?;
+        check_command(&command, program_here)?;
         let listen = self.listen.unwrap_or_else(|| vec!["127.0.0.1:8080".into()]);
         let listen = check_listen(&listen)?;
         let instances = match self.instances {
@@ -341,7 +352,7 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
     }
 }
 
-fn check_command(command: &[String]) -> Result<(), SpecError> {
+fn check_command(command: &[String], program_here: bool) -> Result<(), SpecError> {
     let Some(program) = command.first() else { return Err(invalid("command", "it is empty")) };
     let path = Path::new(program);
     if !path.is_absolute() {
@@ -351,6 +362,9 @@ fn check_command(command: &[String]) -> Result<(), SpecError> {
                 "{program:?} is not an absolute path (systemd runs no $PATH search for you; try `command -v {program}`)"
             ),
         ));
+    }
+    if !program_here {
+        return Ok(());
     }
     use std::os::unix::fs::PermissionsExt;
     match std::fs::metadata(path) {
@@ -456,6 +470,8 @@ mod tests {
         let err = |c: &str| from_toml(&format!("name = \"a\"\ncommand = \"{c}\"")).unwrap_err().to_string();
         assert!(err("sdcluster-worker").contains("not an absolute path"));
         assert!(err("/no/such/worker").contains("No such file"));
+        let elsewhere: SpecFile = toml::from_str("name = \"a\"\ncommand = \"/no/such/worker\"").unwrap();
+        assert_eq!(elsewhere.validate_elsewhere().unwrap().command, ["/no/such/worker"]);
         let plain = std::env::temp_dir().join(format!("sdcluster-plain-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
         assert!(err(&plain.display().to_string()).contains("not an executable"));

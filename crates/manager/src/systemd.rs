@@ -7,6 +7,7 @@ use std::time::Duration;
 use nix::time::{ClockId, clock_gettime};
 use sdcluster_protocol::ListenAddress;
 
+use crate::generator;
 use crate::install::{self, Change, InstallError};
 use crate::spec::{CONFIG_DIR, Instances, Spec};
 use crate::status::{ClusterStatus, InstanceStatus, process_usage};
@@ -58,7 +59,10 @@ pub fn install(spec: &Spec, units: &[UnitFile], root: &Path, force: bool) -> Res
         .map(|u| u.name.clone())
         .filter(|n| n.ends_with(".target") || (n.ends_with(".socket") && !n.contains('@')))
         .collect();
-    enable.extend((1..=spec.instances.resolve()).map(|k| unit(&spec.name, k)));
+    // Where the package's generator counts the workers at every boot, it alone wants them.
+    if !(live && generator::manages(&spec.name)) {
+        enable.extend((1..=spec.instances.resolve()).map(|k| unit(&spec.name, k)));
+    }
     let root_arg = format!("--root={}", root.display());
     let mut args: Vec<&str> = if live { vec![] } else { vec![root_arg.as_str()] };
     if live && booted() {
@@ -152,8 +156,10 @@ pub fn stop(app: &str) -> Result<(), OpsError> {
     Ok(())
 }
 
-/// Runs `n` instances from now on, and after reboots: enables (and starts, if the app runs)
-/// the missing ones, stops and disables the extra ones, and records `n` in the app's TOML.
+/// Runs `n` instances from now on, and after reboots: records `n` in the app's TOML, starts
+/// the missing instances (if the app runs) and stops the extra ones, and makes that last:
+/// through the generator where it counts this app's workers, else by enabling and disabling
+/// instances.
 pub fn scale(app: &str, n: Instances) -> Result<(u32, u32), OpsError> {
     require_booted()?;
     let current = enabled_instances(app)?;
@@ -161,20 +167,34 @@ pub fn scale(app: &str, n: Instances) -> Result<(u32, u32), OpsError> {
     let add: Vec<String> = (1..=count).filter(|k| !current.contains(k)).map(|k| unit(app, k)).collect();
     let remove: Vec<String> = current.iter().filter(|&&k| k > count).map(|&k| unit(app, k)).collect();
     let running = systemctl(&["is-active", "--quiet", &format!("{app}.target")]).is_ok();
-    if !add.is_empty() {
-        let mut args = vec!["enable"];
-        if running {
+    persist_instances(app, n)?;
+    let by_generator = generator::manages(app);
+    if by_generator {
+        systemctl(&["daemon-reload"])?; // the generator now wants `count` instances
+    }
+    let with = |verb: &'static str, now: bool, units: &[String]| -> Result<(), OpsError> {
+        if units.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec![verb];
+        if now {
             args.push("--now");
         }
-        args.extend(add.iter().map(String::as_str));
+        args.extend(units.iter().map(String::as_str));
         systemctl(&args)?;
+        Ok(())
+    };
+    match (by_generator, running) {
+        (true, true) => {
+            with("start", false, &add)?;
+            with("stop", false, &remove)?;
+        }
+        (true, false) => with("stop", false, &remove)?,
+        (false, _) => {
+            with("enable", running, &add)?;
+            with("disable", true, &remove)?;
+        }
     }
-    if !remove.is_empty() {
-        let mut args = vec!["disable", "--now"];
-        args.extend(remove.iter().map(String::as_str));
-        systemctl(&args)?;
-    }
-    persist_instances(app, n)?;
     Ok((current.len() as u32, count))
 }
 

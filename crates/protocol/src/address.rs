@@ -104,6 +104,11 @@ impl ListenAddress {
                 let socket = Socket::new(Domain::for_address(*addr), Type::STREAM.nonblocking().cloexec(), None)
                     .map_err(fail)?;
                 socket.set_reuse_address(true).map_err(fail)?;
+                if addr.is_ipv6() {
+                    // What is listed is what is served: `[::]:80` is IPv6 only, and `*:80`
+                    // beside it can bind (units say BindIPv6Only=ipv6-only likewise).
+                    socket.set_only_v6(true).map_err(fail)?;
+                }
                 if reuseport {
                     socket.set_reuse_port(true).map_err(fail)?;
                 }
@@ -163,6 +168,19 @@ mod tests {
         let err = addr.bind(false).unwrap_err();
         assert!(matches!(err, BindError::InUse(_)), "{err}");
         assert!(err.to_string().starts_with(&format!("{addr} is already in use")));
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_wildcards_bind_side_by_side() {
+        let v4 = parse("0.0.0.0:0").unwrap().bind(false).unwrap();
+        let port = v4.to_string().rsplit_once(':').unwrap().1.to_owned();
+        let v6 = parse(&format!("[::]:{port}")).unwrap().bind(false);
+        // Hosts without IPv6 refuse the address itself; anything else must bind.
+        if let Err(BindError::Other(_, e)) = &v6 {
+            assert_eq!(e.raw_os_error(), Some(nix::errno::Errno::EAFNOSUPPORT as i32), "{e}");
+            return;
+        }
+        v6.unwrap();
     }
 
     #[test]
