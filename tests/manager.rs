@@ -128,6 +128,16 @@ fn instances_share_one_port_and_status_matches_systemctl() {
     let table = app.sdcluster_ok(&["status", "share"]);
     assert!(table.lines().nth(1).is_some_and(|h| h.starts_with("INSTANCE  PID")), "{table}");
     assert_eq!(table.lines().count(), 5, "title, header, 3 instances:\n{table}");
+
+    // Every instance's log lines, from the journal, in one place.
+    let logs = app.sdcluster_ok(&["logs", "share", "--lines", "200"]);
+    for k in 1..=3 {
+        let pid = app.main_pid(k);
+        assert!(
+            logs.contains(&format!("sdcluster-worker[{pid}]: serving {}", app.addr)),
+            "worker {k} missing:\n{logs}"
+        );
+    }
 }
 
 #[test]
