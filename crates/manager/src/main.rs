@@ -281,7 +281,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for change in systemd::install(&spec, &units, &target.root, force)? {
                 println!("{change}");
             }
-            println!("enabled {}.socket, {}.target and {} instances", spec.name, spec.name, spec.instances.resolve());
+            let name = &spec.name;
+            if target.root == std::path::Path::new("/") && generator::manages(name) {
+                println!(
+                    "enabled {name}.socket and {name}.target; the generator wants {} workers at each boot (instances in /etc/sdcluster/{name}.toml)",
+                    spec.instances
+                );
+            } else {
+                println!("enabled {name}.socket, {name}.target and {} instances", spec.instances.resolve());
+            }
             if now {
                 systemd::start(&spec.name)?;
                 println!("started {}", spec.name);
