@@ -278,8 +278,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Install { spec, force, now, target } => {
             let (spec, source) = spec.resolve()?;
             let units = units::render(&spec, target.version()?, &source);
-            for change in systemd::install(&spec, &units, &target.root, force)? {
+            let installed = systemd::install(&spec, &units, &target.root, force)?;
+            for change in &installed.changes {
                 println!("{change}");
+            }
+            if let Some((old, new)) = &installed.listen_pending {
+                eprintln!(
+                    "note: {name}.socket still listens on {}; the new addresses ({}) take effect with \
+                     `systemctl restart {name}.socket`, which restarts the workers too (docs/runbooks/listen.md). \
+                     Restart the socket before any worker: a worker started now would get the old socket.",
+                    old.join(", "),
+                    new.join(", "),
+                    name = spec.name
+                );
             }
             let name = &spec.name;
             if target.root == std::path::Path::new("/") && generator::manages(name) {

@@ -61,6 +61,7 @@ impl Spec {
     pub fn worker_environment(&self, instance: &str) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         env.push(("SDCLUSTER_INSTANCE".into(), instance.into()));
+        env.push(("SDCLUSTER_REQUIRE_SOCKET".into(), "1".into()));
         env.push(("SDCLUSTER_DRAIN_TIMEOUT".into(), duration::to_systemd(self.drain_timeout())));
         env
     }

@@ -76,3 +76,16 @@ pub fn show(unit: &str, properties: &[&str]) -> Result<BTreeMap<String, String>,
     let out = systemctl(&["show", unit, "-p", &props])?;
     Ok(out.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
 }
+
+/// What a socket unit listens on now (`Listen=` comes once per address), as systemd
+/// writes the addresses: `127.0.0.1:8080`, `[::]:80`, `/run/app.sock`.
+pub fn listening(socket: &str) -> Result<Vec<String>, SystemctlError> {
+    let out = systemctl(&["show", socket, "-p", "Listen"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_prefix("Listen="))
+        .filter_map(|v| v.split(' ').next())
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect())
+}

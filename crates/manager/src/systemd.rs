@@ -11,8 +11,8 @@ use crate::generator;
 use crate::install::{self, Change, InstallError};
 use crate::spec::{CONFIG_DIR, Instances, Spec};
 use crate::status::{ClusterStatus, InstanceStatus, process_usage};
-use crate::systemctl::{SystemctlError, booted, show, systemctl};
-use crate::units::{UnitFile, unit_names};
+use crate::systemctl::{SystemctlError, booted, listening, show, systemctl};
+use crate::units::{UnitFile, listen_stream, unit_names};
 
 /// Something between sdcluster and systemd went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +48,13 @@ fn unit(app: &str, instance: u32) -> String {
 /// Writes the units, reloads systemd and enables the socket, the target and the instances,
 /// as a package would. With a `root` other than `/`, only files are written and enabled
 /// offline (`systemctl --root`), nothing is started.
-pub fn install(spec: &Spec, units: &[UnitFile], root: &Path, force: bool) -> Result<Vec<Change>, OpsError> {
+pub fn install(spec: &Spec, units: &[UnitFile], root: &Path, force: bool) -> Result<Installed, OpsError> {
     let live = root == Path::new("/");
+    let socket = format!("{}.socket", spec.name);
+    let active = live && booted() && systemctl(&["is-active", "--quiet", &socket]).is_ok();
+    let held = if active { listening(&socket)? } else { Vec::new() };
     if live {
-        check_ports(spec)?;
+        check_ports(spec, &held)?;
     }
     let changes = install::install(units, root, force)?;
     let mut enable: Vec<String> = units
@@ -71,7 +74,22 @@ pub fn install(spec: &Spec, units: &[UnitFile], root: &Path, force: bool) -> Res
     args.push("enable");
     args.extend(enable.iter().map(String::as_str));
     systemctl(&args)?;
-    Ok(changes)
+    let wanted: Vec<String> = spec.listen.iter().map(listen_stream).collect();
+    let mut sorted = (held.clone(), wanted.clone());
+    sorted.0.sort();
+    sorted.1.sort();
+    let listen_pending = (active && sorted.0 != sorted.1).then_some((held, wanted));
+    Ok(Installed { changes, listen_pending })
+}
+
+/// What `install` did, and what it left for the operator to decide.
+#[derive(Debug)]
+pub struct Installed {
+    /// Each unit file's fate.
+    pub changes: Vec<Change>,
+    /// The running socket still listens on the old addresses (first) instead of the new ones
+    /// (second): they take effect when the socket restarts, which restarts the workers too.
+    pub listen_pending: Option<(Vec<String>, Vec<String>)>,
 }
 
 /// Stops and disables everything of the app, then removes its unit files.
@@ -95,19 +113,25 @@ pub fn uninstall(app: &str, root: &Path, force: bool) -> Result<(), OpsError> {
         }
         let _ = std::fs::remove_dir(&wants);
     }
+    if live {
+        // The balance file's directory, kept across restarts (RuntimeDirectoryPreserve=).
+        for dir in [format!("/run/sdcluster/{app}"), format!("/run/private/sdcluster/{app}")] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
     if live && booted() {
         systemctl(&["daemon-reload"])?;
     }
     Ok(())
 }
 
-/// A TCP port held by a process other than the app's own socket would make the socket fail.
-fn check_ports(spec: &Spec) -> Result<(), OpsError> {
-    let ours_active = booted() && systemctl(&["is-active", "--quiet", &format!("{}.socket", spec.name)]).is_ok();
-    if ours_active {
-        return Ok(());
-    }
+/// A TCP port held by a process other than the app's own socket (which holds `held`) would
+/// make the socket fail when it (re)starts.
+fn check_ports(spec: &Spec, held: &[String]) -> Result<(), OpsError> {
     for addr in &spec.listen {
+        if held.contains(&listen_stream(addr)) {
+            continue;
+        }
         if let ListenAddress::Tcp(_) = addr {
             if let Err(sdcluster_protocol::BindError::InUse(a)) = addr.bind(false) {
                 return Err(OpsError::PortInUse(a, spec.name.clone()));

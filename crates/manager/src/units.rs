@@ -65,8 +65,8 @@ pub fn dynamic_user(name: &str) -> String {
     format!("sdc-{name}")
 }
 
-/// The value systemd's `ListenStream=` takes for an address.
-fn listen_stream(addr: &ListenAddress) -> String {
+/// The value systemd's `ListenStream=` takes for an address (and `Listen=` shows).
+pub fn listen_stream(addr: &ListenAddress) -> String {
     match addr {
         ListenAddress::Tcp(a) => a.to_string(),
         ListenAddress::Unix(p) => p.display().to_string(),

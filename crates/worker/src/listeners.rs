@@ -34,6 +34,11 @@ pub enum ListenError {
         /// The names passed.
         passed: Vec<String>,
     },
+    /// A supervisor should have passed a socket and did not.
+    #[error(
+        "no socket was passed ({0}) but --require-socket (SDCLUSTER_REQUIRE_SOCKET) is set: under systemd, check that the unit has Sockets= and that the socket unit is active (systemctl status APP.socket)"
+    )]
+    NothingPassed(String),
     /// `--listen` is not an address.
     #[error("--listen: {0}")]
     Address(#[from] AddressError),
@@ -46,6 +51,15 @@ pub enum ListenError {
 pub fn acquire(inherited: Inherited, opts: &Options) -> Result<Acquired, ListenError> {
     let passed = match inherited {
         Inherited::Fds(fds) => fds,
+        Inherited::Nothing if opts.require_socket => {
+            return Err(ListenError::NothingPassed("LISTEN_FDS is unset".into()));
+        }
+        Inherited::ForeignPid { listen_pid, own_pid } if opts.require_socket => {
+            return Err(ListenError::NothingPassed(format!(
+                "LISTEN_PID={} is not this process, {own_pid}",
+                listen_pid.map_or("(unset)".to_owned(), |p| p.to_string())
+            )));
+        }
         Inherited::Nothing => return bind_all(opts),
         Inherited::ForeignPid { listen_pid, own_pid } => {
             tracing::warn!(

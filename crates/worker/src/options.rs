@@ -11,9 +11,14 @@ pub struct Options {
     #[arg(long = "listen", env = "SDCLUSTER_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:8080")]
     pub listen: Vec<String>,
 
+    /// Refuse to start unless the supervisor passed a socket (units and `sdcluster run` set
+    /// this): a worker of a cluster must never bind a port of its own by mistake.
+    #[arg(long, env = "SDCLUSTER_REQUIRE_SOCKET", value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_socket: bool,
+
     /// Bind --listen with SO_REUSEPORT, so that several workers each own a socket on one port
     /// (the kernel then spreads connections by hash instead of one shared queue).
-    #[arg(long, env = "SDCLUSTER_REUSEPORT")]
+    #[arg(long, env = "SDCLUSTER_REUSEPORT", value_parser = clap::builder::BoolishValueParser::new())]
     pub reuseport: bool,
 
     /// Serve only the passed sockets with these LISTEN_FDNAMES names (default: every passed
