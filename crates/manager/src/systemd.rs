@@ -128,11 +128,14 @@ pub fn uninstall(app: &str, root: &Path, force: bool) -> Result<(), OpsError> {
 /// A TCP port held by a process other than the app's own socket (which holds `held`) would
 /// make the socket fail when it (re)starts.
 fn check_ports(spec: &Spec, held: &[String]) -> Result<(), OpsError> {
+    // A port the socket holds on some address can't be probed on another address: our own
+    // socket would answer "in use" (127.0.0.1:8080 held, *:8080 wanted).
+    let held_ports: Vec<&str> = held.iter().filter_map(|a| a.rsplit_once(':').map(|(_, p)| p)).collect();
     for addr in &spec.listen {
-        if held.contains(&listen_stream(addr)) {
-            continue;
-        }
-        if let ListenAddress::Tcp(_) = addr {
+        if let ListenAddress::Tcp(a) = addr {
+            if held_ports.contains(&a.port().to_string().as_str()) {
+                continue;
+            }
             if let Err(sdcluster_protocol::BindError::InUse(a)) = addr.bind(false) {
                 return Err(OpsError::PortInUse(a, spec.name.clone()));
             }
