@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use sdcluster_tests::deb::{on_ci, package};
 use sdcluster_tests::load::MixedLoad;
 use sdcluster_tests::sdbox::{self, Boot, SdBox};
 use sdcluster_tests::{sdcluster_binary, worker_binary};
@@ -294,36 +295,6 @@ fn step(line: usize, kind: Kind, script: String, directives: &[(usize, &str, &st
 /// `docs/runbooks/NAME`.
 fn runbook_path(name: &str) -> PathBuf {
     Path::new(RUNBOOK_DIR).join(name)
-}
-
-fn on_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// The newest `target/debian/sdcluster_VERSION-*.deb` (or `SDCLUSTER_DEB`), as tests/package.rs
-/// finds it; `None` (with a note) when there is none and this is not CI.
-fn package() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("SDCLUSTER_DEB") {
-        let path = PathBuf::from(path);
-        assert!(path.is_file(), "SDCLUSTER_DEB={}: no such file", path.display());
-        return Some(path);
-    }
-    let exe = std::env::current_exe().expect("the test executable's path");
-    let dir = exe.ancestors().nth(3).expect("the target directory").join("debian");
-    let prefix = format!("sdcluster_{}-", env!("CARGO_PKG_VERSION"));
-    let newest = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb")))
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .map(|e| e.path());
-    if newest.is_none() {
-        let why = format!("no {}/{prefix}*.deb: build it with ./dev package", dir.display());
-        assert!(!on_ci(), "{why}");
-        eprintln!("SKIPPED: {why}");
-    }
-    newest
 }
 
 /// Boots a box for runbook `name`, prepares it as [`RUNBOOKS`] says, and runs every step.

@@ -6,6 +6,7 @@
 
 mod binary;
 pub mod cluster;
+pub mod deb;
 pub mod http;
 pub mod load;
 pub mod net;

@@ -298,7 +298,7 @@ impl Unavailable {
 
 /// Runs `tests/sdbox up` (or `reboot`) for box `name`, with `env` for the script.
 fn boot(name: &str, command: &str, env: &[(&str, String)]) -> Result<(), Unavailable> {
-    let on_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    let on_ci = crate::deb::on_ci();
     if !is_root() {
         let why = "booting a box needs root (run the tests with sudo, or as root)".to_owned();
         return Err(if on_ci { Unavailable::Fail(why) } else { Unavailable::Skip(why) });
