@@ -14,8 +14,6 @@ pub struct Acquired {
     pub listeners: Vec<Listener>,
     /// The shared table workers on one queue balance through (see `sdcluster_protocol::balance`).
     pub balance: Option<File>,
-    /// Whether the sockets were passed (true) or bound by this process.
-    pub inherited: bool,
 }
 
 /// Why there is nothing to serve; each says what to do about it.
@@ -69,7 +67,7 @@ pub fn acquire(inherited: Inherited, opts: &Options) -> Result<Acquired, ListenE
             return bind_all(opts);
         }
     };
-    let mut acquired = Acquired { listeners: Vec::new(), balance: None, inherited: true };
+    let mut acquired = Acquired { listeners: Vec::new(), balance: None };
     let mut names = Vec::new();
     for fd in passed {
         let name = fd.name.clone().unwrap_or_default();
@@ -101,5 +99,5 @@ fn bind_all(opts: &Options) -> Result<Acquired, ListenError> {
     for addr in &opts.listen {
         listeners.push(addr.parse::<ListenAddress>()?.bind(opts.reuseport)?);
     }
-    Ok(Acquired { listeners, balance: None, inherited: false })
+    Ok(Acquired { listeners, balance: None })
 }

@@ -27,7 +27,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-pub use spawn::Launch;
+use spawn::Launch;
 
 use crate::control;
 use crate::spec::{Balance, Spec};
