@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sdcluster_protocol::{ListenAddress, duration};
+use sdcluster_protocol::{ListenAddress, duration, handover};
 use serde::Deserialize;
 
 /// Where `sdcluster` looks for `APP.toml` by default.
@@ -47,6 +47,9 @@ pub struct Spec {
     pub user: Option<String>,
     /// Let workers open network connections of their own (off: `PrivateNetwork=yes`).
     pub outbound_network: bool,
+    /// Kept-alive connections one instance may hand to its next process on a restart
+    /// (the size of its fd store, `FileDescriptorStoreMax=`); 0 turns hand-over off.
+    pub handover_max: u32,
 }
 
 impl Spec {
@@ -63,6 +66,7 @@ impl Spec {
         env.push(("SDCLUSTER_INSTANCE".into(), instance.into()));
         env.push(("SDCLUSTER_REQUIRE_SOCKET".into(), "1".into()));
         env.push(("SDCLUSTER_DRAIN_TIMEOUT".into(), duration::to_systemd(self.drain_timeout())));
+        env.push((handover::FDSTORE_MAX_ENV.into(), self.handover_max.to_string()));
         env
     }
 }
@@ -174,6 +178,11 @@ pub enum SpecError {
     },
 }
 
+/// Default fd store size per instance: every kept-alive connection of a busy worker.
+pub const DEFAULT_HANDOVER_MAX: u32 = 4096;
+/// Far more would only make systemd hold fds nobody takes over.
+const MAX_HANDOVER: i64 = 65536;
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> SpecError {
     SpecError::Invalid { key, reason: reason.into() }
 }
@@ -209,6 +218,8 @@ pub struct SpecFile {
     pub user: Option<String>,
     /// Whether workers may open connections of their own.
     pub outbound_network: Option<bool>,
+    /// Connections an instance may hand to its next process on a restart; 0: off.
+    pub handover_max: Option<i64>,
 }
 
 /// `command = "/usr/bin/app --flag"` or `command = ["/usr/bin/app", "--flag"]`.
@@ -329,6 +340,16 @@ impl SpecFile {
             balance: self.balance.unwrap_or_default(),
             user: self.user,
             outbound_network: self.outbound_network.unwrap_or(false),
+            handover_max: match self.handover_max {
+                None => DEFAULT_HANDOVER_MAX,
+                Some(n) if (0..=MAX_HANDOVER).contains(&n) => n as u32,
+                Some(n) => {
+                    return Err(invalid(
+                        "handover-max",
+                        format!("{n} is not a number of connections from 0 (hand-over off) to {MAX_HANDOVER}"),
+                    ));
+                }
+            },
         })
     }
 }

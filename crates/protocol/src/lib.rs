@@ -8,6 +8,7 @@
 pub mod address;
 pub mod balance;
 pub mod duration;
+pub mod handover;
 pub mod listen_fds;
 pub mod notify;
 
