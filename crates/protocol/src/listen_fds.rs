@@ -79,6 +79,16 @@ pub enum ListenFdsError {
         /// What it is instead ("a regular file", "not open", ...).
         what: String,
     },
+    /// A passed fd named as a handed-over connection is not a connected stream socket.
+    #[error("inherited fd {fd}{} is {what}, not a connected stream socket; the previous process's fd store entry is ignored", fmt_name(.name))]
+    NotAConnection {
+        /// The fd number.
+        fd: RawFd,
+        /// Its name.
+        name: Option<String>,
+        /// What it is instead.
+        what: String,
+    },
 }
 
 fn fmt_name(name: &Option<String>) -> String {
@@ -214,6 +224,29 @@ impl PassedFd {
         }
         // SAFETY: the protocol hands this fd to us alone; it is open and a regular file.
         Ok(File::from(unsafe { OwnedFd::from_raw_fd(self.fd) }))
+    }
+
+    /// Takes ownership of the fd as a client connection handed over by a previous process
+    /// (see [`crate::handover`]): a connected stream socket, not a listener.
+    pub fn into_connection(self) -> Result<OwnedFd, ListenFdsError> {
+        let not = |what: String| ListenFdsError::NotAConnection { fd: self.fd, name: self.name.clone(), what };
+        let Some(fd) = self.borrow() else {
+            return Err(not("not open".into()));
+        };
+        let is_socket = fstat(fd).is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode).contains(SFlag::S_IFSOCK));
+        if !is_socket {
+            return Err(not(self.describe()));
+        }
+        match getsockopt(&fd, sockopt::SockType) {
+            Ok(SockType::Stream) => {}
+            Ok(kind) => return Err(not(format!("a {kind:?} socket"))),
+            Err(e) => return Err(not(format!("a socket of unknown type ({e})"))),
+        }
+        if getsockopt(&fd, sockopt::AcceptConn).unwrap_or(true) {
+            return Err(not("a listening socket".into()));
+        }
+        // SAFETY: the protocol hands this fd to us alone and it is an open socket.
+        Ok(unsafe { OwnedFd::from_raw_fd(self.fd) })
     }
 
     /// Takes ownership of the fd as a listener, refusing anything a server can't accept on.

@@ -11,7 +11,8 @@
 //! use std::convert::Infallible;
 //! use clap::Parser;
 //! use http_body_util::Full;
-//! use hyper::{Request, Response, body::{Bytes, Incoming}, service::service_fn};
+//! use hyper::{Request, Response, body::Bytes, service::service_fn};
+//! use sdcluster_worker::RequestBody;
 //!
 //! #[derive(Parser)]
 //! struct Cli {
@@ -20,7 +21,7 @@
 //! }
 //!
 //! fn main() -> std::process::ExitCode {
-//!     let app = service_fn(|_req: Request<Incoming>| async {
+//!     let app = service_fn(|_req: Request<RequestBody>| async {
 //!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hello\n"))))
 //!     });
 //!     sdcluster_worker::run(Cli::parse().worker, app)
@@ -29,7 +30,10 @@
 //!
 //! Tower services (axum) fit through `hyper_util::service::TowerToHyperService`.
 
+mod body;
+mod connection;
 mod gate;
+mod handover;
 mod listeners;
 mod logging;
 mod notify;
@@ -42,8 +46,10 @@ use std::process::ExitCode;
 
 use tokio::signal::unix::{SignalKind, signal};
 
+pub use body::RequestBody;
+pub use handover::TakenOver;
 pub use listeners::{Acquired, ListenError, acquire};
-pub use ops::{App, AppBody, Instrumented, OpsBody, WORKER_HEADER};
+pub use ops::{App, AppBody, Instrumented, OpsBody, ResponseBody, WORKER_HEADER};
 pub use options::Options;
 pub use sdcluster_protocol::listen_fds;
 pub use serve::{DrainTimedOut, Server};

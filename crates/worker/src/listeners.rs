@@ -5,6 +5,7 @@ use std::fs::File;
 use sdcluster_protocol::listen_fds::{BALANCE_FD_NAME, Inherited};
 use sdcluster_protocol::{AddressError, BindError, ListenAddress, ListenFdsError, Listener};
 
+use crate::handover::{TakenOver, split_stored, take_over};
 use crate::options::Options;
 
 /// The sockets to serve, plus the balance table file when the supervisor shares one.
@@ -14,6 +15,10 @@ pub struct Acquired {
     pub listeners: Vec<Listener>,
     /// The shared table workers on one queue balance through (see `sdcluster_protocol::balance`).
     pub balance: Option<File>,
+    /// Kept-alive connections the previous process of this instance handed over.
+    pub taken_over: Vec<TakenOver>,
+    /// Names of stored fds of ours that were unusable, to clear from the supervisor's store.
+    pub(crate) stale: Vec<String>,
 }
 
 /// Why there is nothing to serve; each says what to do about it.
@@ -67,7 +72,9 @@ pub fn acquire(inherited: Inherited, opts: &Options) -> Result<Acquired, ListenE
             return bind_all(opts);
         }
     };
-    let mut acquired = Acquired { listeners: Vec::new(), balance: None };
+    let (passed, stored) = split_stored(passed);
+    let (taken_over, stale) = take_over(stored);
+    let mut acquired = Acquired { listeners: Vec::new(), balance: None, taken_over, stale };
     let mut names = Vec::new();
     for fd in passed {
         let name = fd.name.clone().unwrap_or_default();
@@ -99,5 +106,5 @@ fn bind_all(opts: &Options) -> Result<Acquired, ListenError> {
     for addr in &opts.listen {
         listeners.push(addr.parse::<ListenAddress>()?.bind(opts.reuseport)?);
     }
-    Ok(Acquired { listeners, balance: None })
+    Ok(Acquired { listeners, balance: None, taken_over: Vec::new(), stale: Vec::new() })
 }

@@ -3,26 +3,28 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::{Body, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::service::Service;
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::Notify;
 
+use crate::body::{Leftover, RequestBody, discard};
+use crate::connection::ConnState;
 use crate::stats::Stats;
 
 /// The response header naming the worker that answered, so anyone can see the spread.
 pub const WORKER_HEADER: HeaderName = HeaderName::from_static("x-sdcluster-worker");
 
-/// A hyper service a worker can serve: any `hyper::service::Service` of requests whose
-/// futures can move between threads (tower services fit through
-/// `hyper_util::service::TowerToHyperService`).
+/// A service a worker can serve: any `hyper::service::Service` of requests with a
+/// [`RequestBody`] whose futures can move between threads (tower services, axum's
+/// `Router` among them, fit through `hyper_util::service::TowerToHyperService`).
 pub trait App:
-    Service<Request<Incoming>, Response = Response<Self::Body>, Error: Into<BoxError>, Future: Send + 'static>
+    Service<Request<RequestBody>, Response = Response<Self::Body>, Error: Into<BoxError>, Future: Send + 'static>
     + Send
     + Sync
     + 'static
@@ -33,7 +35,7 @@ pub trait App:
 
 impl<S, B: AppBody> App for S
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
         + Send
         + Sync
         + 'static,
@@ -51,58 +53,74 @@ pub type OpsBody<B> = Either<Full<Bytes>, B>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Wraps an app's service: answers the operational endpoints itself, passes everything else
-/// on, and stamps and counts every response.
+/// on, and stamps and counts every response; keeps its connection's state current.
 pub struct Instrumented<S> {
     app: Arc<S>,
     stats: Arc<Stats>,
     worker: HeaderValue,
-    first_request: Arc<FirstRequest>,
+    unread: UnreadLimits,
+    /// The connection served; `None` in the template every connection's copy is made from.
+    connection: Option<Arc<ConnState>>,
 }
 
-/// Whether a connection has started its first request yet: a drain must not close a
-/// connection whose client is sending its first request right now.
-#[derive(Default)]
-pub(crate) struct FirstRequest {
-    seen: AtomicBool,
-    arrived: Notify,
+/// How much of a request body the app left unread is read and thrown away, and how fast.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnreadLimits {
+    pub(crate) bytes: u64,
+    pub(crate) timeout: Duration,
 }
 
-impl FirstRequest {
-    pub(crate) fn seen(&self) -> bool {
-        self.seen.load(Ordering::Acquire)
+pin_project_lite::pin_project! {
+    /// A response on its way: ends the request in the connection's state when it is sent
+    /// (or dropped).
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: OpsBody<B>,
+        sent: Sent,
+    }
+}
+
+struct Sent(Arc<ConnState>);
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        self.0.response_finished();
+    }
+}
+
+impl<B: AppBody> Body for ResponseBody<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx).map_err(Into::into)
     }
 
-    /// Returns once the first request has started.
-    pub(crate) async fn arrived(&self) {
-        if !self.seen() {
-            self.arrived.notified().await;
-        }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
-    fn mark(&self) {
-        if !self.seen.swap(true, Ordering::AcqRel) {
-            self.arrived.notify_one();
-        }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
 impl<S> Instrumented<S> {
-    pub(crate) fn new(app: Arc<S>, stats: Arc<Stats>) -> Self {
+    pub(crate) fn new(app: Arc<S>, stats: Arc<Stats>, unread: UnreadLimits) -> Self {
         let worker =
             HeaderValue::from_str(stats.instance()).unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
-        Self { app, stats, worker, first_request: Arc::default() }
+        Self { app, stats, worker, unread, connection: None }
     }
 
-    /// This service for one new connection, and that connection's first-request flag.
-    pub(crate) fn for_connection(&self) -> (Self, Arc<FirstRequest>) {
-        let first_request = Arc::new(FirstRequest::default());
-        let service = Self {
+    /// This service for one connection.
+    pub(crate) fn for_connection(&self, connection: Arc<ConnState>) -> Self {
+        Self {
             app: Arc::clone(&self.app),
             stats: Arc::clone(&self.stats),
             worker: self.worker.clone(),
-            first_request: Arc::clone(&first_request),
-        };
-        (service, first_request)
+            unread: self.unread,
+            connection: Some(connection),
+        }
     }
 
     fn own(&self, status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -112,7 +130,7 @@ impl<S> Instrumented<S> {
         response
     }
 
-    fn answer_ops(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    fn answer_ops<B>(&self, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
         let text = "text/plain; charset=utf-8";
         let head = matches!(*req.method(), Method::GET | Method::HEAD);
         match req.uri().path() {
@@ -128,28 +146,62 @@ impl<S> Instrumented<S> {
     }
 }
 
+/// Whether a response's `Connection` header says close.
+fn says_close(response: &Response<impl Sized>) -> bool {
+    response
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))))
+}
+
 impl<S: App> Service<Request<Incoming>> for Instrumented<S> {
-    type Response = Response<OpsBody<S::Body>>;
+    type Response = Response<ResponseBody<S::Body>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.first_request.mark();
+        let connection = Arc::clone(self.connection.as_ref().expect("a service made for a connection"));
+        connection.request_started();
         let worker = self.worker.clone();
         let stats = Arc::clone(&self.stats);
-        let stamp = move |mut response: Self::Response| {
+        let stamp = move |response: Response<OpsBody<S::Body>>, close: bool| {
+            let mut response = response.map(|inner| ResponseBody { inner, sent: Sent(Arc::clone(&connection)) });
             response.headers_mut().insert(WORKER_HEADER, worker);
+            if close || connection.must_close() {
+                response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            if says_close(&response) {
+                connection.announce_close();
+            }
             stats.answered(response.status().as_u16());
             response
         };
+        let (head, body) = req.into_parts();
+        let (body, unread) = RequestBody::new(body);
+        let req = Request::from_parts(head, body);
         if let Some(own) = self.answer_ops(&req) {
-            let response = stamp(own.map(Either::Left));
+            drop(req);
+            let close = matches!(unread.leftover(), Leftover::Dropped(_) | Leftover::Held);
+            let response = stamp(own.map(Either::Left), close);
             return Box::pin(async move { Ok::<_, BoxError>(response) });
         }
         let app = self.app.call(req);
+        let (limits, stats) = (self.unread, Arc::clone(&self.stats));
         Box::pin(async move {
             let response = app.await.map_err(Into::into)?;
-            Ok(stamp(response.map(Either::Right)))
+            // An unread body would be taken for the next request: read it away, or say
+            // that this connection ends here.
+            let close = match unread.leftover() {
+                Leftover::None => false,
+                Leftover::Held => true,
+                Leftover::Dropped(rest) => {
+                    let discarded = discard(rest, limits.bytes, limits.timeout).await;
+                    stats.unread_body(discarded);
+                    !discarded
+                }
+            };
+            Ok(stamp(response.map(Either::Right), close))
         })
     }
 }

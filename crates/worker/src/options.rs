@@ -45,6 +45,23 @@ pub struct Options {
     #[arg(long, env = "SDCLUSTER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
+    /// How long a kept-alive connection may sit idle between requests before it is closed;
+    /// above the idle timeouts of common load balancers (60 s), so that they close first.
+    #[arg(long, env = "SDCLUSTER_KEEPALIVE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// When the worker stops and no replacement takes its connections over: how long idle
+    /// kept-alive connections stay open (their next request is answered with
+    /// `Connection: close`) before they are closed; never past --drain-timeout.
+    #[arg(long, env = "SDCLUSTER_CLOSE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub close_grace: Duration,
+
+    /// A request body the app leaves unread is read and thrown away up to this many bytes
+    /// (within --header-timeout), so the connection stays usable; a longer one gets
+    /// `Connection: close`.
+    #[arg(long, env = "SDCLUSTER_MAX_UNREAD_BODY", default_value_t = 1024 * 1024)]
+    pub max_unread_body: u64,
+
     /// Largest request head (request line and headers) accepted; larger gets 431.
     #[arg(long, env = "SDCLUSTER_MAX_HEADER_BYTES", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u32).range(8192..=16 * 1024 * 1024))]
     pub max_header_bytes: u32,

@@ -8,21 +8,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use nix::sys::socket::{SockFlag, accept4};
 use sdcluster_protocol::{BalanceTable, Listener};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::connection::{self, Drain, Limits, Shared, Stream};
 use crate::gate::Gate;
+use crate::handover::{HandOver, TakenOver};
 use crate::listeners::Acquired;
 use crate::notify::{Notifier, status_line};
-use crate::ops::{App, Instrumented};
+use crate::ops::{App, Instrumented, UnreadLimits};
 use crate::options::Options;
-use crate::stats::{Rejected, Stats};
+use crate::stats::Stats;
 
 /// The drain deadline passed with requests still in flight; they were cut off.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub struct DrainTimedOut {
 pub struct Server {
     listeners: Vec<Listener>,
     balance: Option<Arc<BalanceTable>>,
+    taken_over: Vec<TakenOver>,
+    stale: Vec<String>,
     opts: Options,
     stats: Arc<Stats>,
 }
@@ -50,7 +53,14 @@ impl Server {
     pub fn new(acquired: Acquired, opts: Options) -> io::Result<Self> {
         let instance = opts.instance.clone().unwrap_or_else(|| std::process::id().to_string());
         let balance = acquired.balance.as_ref().map(|f: &File| BalanceTable::open(f).map(Arc::new)).transpose()?;
-        Ok(Self { listeners: acquired.listeners, balance, opts, stats: Arc::new(Stats::new(instance)) })
+        Ok(Self {
+            listeners: acquired.listeners,
+            balance,
+            taken_over: acquired.taken_over,
+            stale: acquired.stale,
+            opts,
+            stats: Arc::new(Stats::new(instance)),
+        })
     }
 
     /// The counters, for an app that wants to show them its own way.
@@ -59,10 +69,14 @@ impl Server {
     }
 
     /// Serves `app` on every listener until `shutdown` completes, then drains: stops
-    /// accepting, lets requests in flight finish, closes idle connections.
+    /// accepting, lets requests in flight finish, and then hands each kept-alive connection
+    /// to the next process of this instance (when the supervisor says one comes), or
+    /// closes it gracefully (`Connection: close` on its next response; closed when still
+    /// idle after `--close-grace`).
     ///
-    /// `READY=1` is sent once every listener is being served, `STOPPING=1` when the drain
-    /// starts; `abort_drain` completing cuts the drain short (a second SIGTERM in [`crate::run`]).
+    /// Connections the previous process handed over are served first. `READY=1` is sent
+    /// once every listener is being served, `STOPPING=1` when the drain starts;
+    /// `abort_drain` completing cuts the drain short (a second SIGTERM in [`crate::run`]).
     pub async fn serve<S: App>(
         self,
         app: S,
@@ -70,19 +84,44 @@ impl Server {
         abort_drain: impl Future<Output = ()>,
     ) -> Result<(), DrainTimedOut> {
         let notifier = Notifier::from_env();
+        let handover = Arc::new(HandOver::from_env());
         let gate = Arc::new(Gate::new(
             Arc::clone(&self.stats),
             self.opts.max_connections,
             self.balance.clone(),
             self.opts.balance_patience,
         ));
-        let service = Instrumented::new(Arc::new(app), Arc::clone(&self.stats));
+        let unread = UnreadLimits { bytes: self.opts.max_unread_body, timeout: self.opts.header_timeout };
         let mut http = http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(self.opts.header_timeout)
-            .max_buf_size(self.opts.max_header_bytes as usize);
-        let http = Arc::new(http);
-        let (drain, draining) = watch::channel(false);
+        // Header and keep-alive timeouts are the connection's own (connection.rs): hyper's
+        // header timer would also run while a kept-alive connection is idle.
+        http.timer(TokioTimer::new()).max_buf_size(self.opts.max_header_bytes as usize);
+        let (drain, draining) = watch::channel(Drain::Serving);
+        let shared = Arc::new(Shared {
+            http,
+            service: Instrumented::new(Arc::new(app), Arc::clone(&self.stats), unread),
+            limits: Limits { header_timeout: self.opts.header_timeout, keepalive_timeout: self.opts.keepalive_timeout },
+            drain: draining,
+            handover: Arc::clone(&handover),
+            gate: Arc::clone(&gate),
+        });
+
+        let taken = self.taken_over.len();
+        for name in self.stale.iter().chain(self.taken_over.iter().flat_map(|t| &t.names)) {
+            handover.remove(name).await;
+        }
+        for taken in self.taken_over {
+            match Stream::from_fd(taken.fd) {
+                Ok(stream) => {
+                    self.stats.taken_over();
+                    tokio::spawn(connection::serve(stream, taken.bytes, Arc::clone(&shared)));
+                }
+                Err(e) => tracing::warn!("cannot serve a handed-over connection: {e}"),
+            }
+        }
+        if taken > 0 {
+            tracing::info!("took over {taken} kept-alive connections from the previous process");
+        }
 
         let serving = self.listeners.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         let mut tasks = JoinSet::new();
@@ -97,14 +136,7 @@ impl Server {
                     continue;
                 }
             };
-            let accepted = Accepted {
-                gate: Arc::clone(&gate),
-                service: service.for_connection().0,
-                http: Arc::clone(&http),
-                draining: draining.clone(),
-                header_timeout: self.opts.header_timeout,
-            };
-            tasks.spawn(accept_loop(listener, accepted));
+            tasks.spawn(accept_loop(listener, Arc::clone(&shared)));
         }
         tasks.spawn(Arc::clone(&gate).keep_slot_alive());
         tasks.spawn(notifier.keep_watchdog_fed());
@@ -116,13 +148,31 @@ impl Server {
         tasks.abort_all(); // stop accepting; our copies of the sockets close
         gate.leave_balance(); // peers stop counting on us at once
         let open = self.stats.open();
-        tracing::info!("draining {open} open connections (at most {:?})", self.opts.drain_timeout);
+        let handing_over = handover.wanted();
+        let grace = self.opts.close_grace.min(self.opts.drain_timeout);
+        match handing_over {
+            Ok(()) => tracing::info!(
+                "draining {open} open connections (at most {:?}): handing them over to the next process",
+                self.opts.drain_timeout
+            ),
+            Err(why) => tracing::info!(
+                "draining {open} open connections (at most {:?}); {why}: closing them gracefully within {grace:?}",
+                self.opts.drain_timeout
+            ),
+        }
         notifier.stopping(&format!("draining {open} connections"));
-        let _ = drain.send(true);
+        let grace_until = tokio::time::Instant::now() + grace;
+        let _ = drain.send(Drain::Stopping { handover: handing_over.is_ok(), grace_until });
         let drained = tokio::select! {
             done = tokio::time::timeout(self.opts.drain_timeout, gate.all_closed()) => done.is_ok(),
             () = abort_drain => false,
         };
+        let sent = self.stats.handed_over_count();
+        if sent > 0 {
+            // Every stored fd must be with the supervisor before this process is gone.
+            handover.barrier().await;
+            tracing::info!("handed {sent} kept-alive connections over");
+        }
         if drained {
             tracing::info!("drained; exiting");
             Ok(())
@@ -132,44 +182,31 @@ impl Server {
     }
 }
 
-/// What every accepted connection needs.
-struct Accepted<S> {
-    gate: Arc<Gate>,
-    service: Instrumented<S>,
-    http: Arc<http1::Builder>,
-    /// Turns true when the worker drains: connections finish their request and close.
-    draining: watch::Receiver<bool>,
-    /// `--header-timeout`, which also bounds the wait for a first request while draining.
-    header_timeout: Duration,
-}
-
-/// While draining, how long a connection that has not sent its first request yet is given
-/// to send it (a client that connected just before the drain is sending it now).
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
-
-async fn accept_loop<S: App>(listener: AsyncFd<Listener>, accepted: Accepted<S>) {
+async fn accept_loop<S: App>(listener: AsyncFd<Listener>, shared: Arc<Shared<S>>) {
     loop {
         let mut ready = match listener.readable().await {
             Ok(ready) => ready,
             Err(e) => return tracing::error!("listener {} failed: {e}", listener.get_ref()),
         };
-        accepted.gate.wait_turn(listener.get_ref()).await;
+        shared.gate.wait_turn(listener.get_ref()).await;
         match ready.try_io(|l| accept(l.get_ref())) {
             Err(_would_block) => continue,
-            Ok(Ok(fd)) => match listener.get_ref() {
-                Listener::Tcp(_) => {
-                    let stream = std::net::TcpStream::from(fd);
-                    let _ = stream.set_nodelay(true);
-                    match tokio::net::TcpStream::from_std(stream) {
-                        Ok(io) => spawn_connection(io, &accepted),
-                        Err(e) => tracing::warn!("cannot register a connection: {e}"),
+            Ok(Ok(fd)) => {
+                let stream = match listener.get_ref() {
+                    Listener::Tcp(_) => {
+                        let stream = std::net::TcpStream::from(fd);
+                        let _ = stream.set_nodelay(true);
+                        tokio::net::TcpStream::from_std(stream).map(Stream::Tcp)
                     }
-                }
-                Listener::Unix(_) => match tokio::net::UnixStream::from_std(fd.into()) {
-                    Ok(io) => spawn_connection(io, &accepted),
+                    Listener::Unix(_) => tokio::net::UnixStream::from_std(fd.into()).map(Stream::Unix),
+                };
+                match stream {
+                    Ok(stream) => {
+                        tokio::spawn(connection::serve(stream, bytes::Bytes::new(), Arc::clone(&shared)));
+                    }
                     Err(e) => tracing::warn!("cannot register a connection: {e}"),
-                },
-            },
+                }
+            }
             Ok(Err(e)) => back_off(e).await,
         }
     }
@@ -223,47 +260,4 @@ async fn back_off(e: io::Error) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-}
-
-fn spawn_connection<IO, S: App>(io: IO, accepted: &Accepted<S>)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    accepted.gate.opened();
-    let gate = Arc::clone(&accepted.gate);
-    let (service, first_request) = accepted.service.for_connection();
-    let connection = accepted.http.serve_connection(TokioIo::new(io), service);
-    let mut draining = accepted.draining.clone();
-    let stats = accepted.gate.stats();
-    let grace = FIRST_REQUEST_GRACE.min(accepted.header_timeout);
-    tokio::spawn(async move {
-        tokio::pin!(connection);
-        let ended = tokio::select! {
-            ended = connection.as_mut() => ended,
-            () = async { let _ = draining.wait_for(|d| *d).await; } => {
-                // A client that just connected is sending its first request: closing now
-                // would fail it, so serve that one request first (bounded by the grace).
-                let waited = async {
-                    if !first_request.seen() {
-                        let _ = tokio::time::timeout(grace, first_request.arrived()).await;
-                    }
-                };
-                tokio::select! {
-                    ended = connection.as_mut() => ended,
-                    () = waited => {
-                        // Finish the request in flight (if any), then close instead of keeping alive.
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                }
-            }
-        };
-        if let Err(e) = ended {
-            if let Some(why) = Rejected::of(&e) {
-                stats.rejected(why);
-            }
-            tracing::debug!("connection ended with an error: {e}");
-        }
-        gate.closed();
-    });
 }

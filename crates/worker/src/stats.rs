@@ -15,6 +15,9 @@ pub struct Stats {
     accepted: AtomicU64,
     by_status: Vec<AtomicU64>,
     rejected: [AtomicU64; Rejected::ALL.len()],
+    handed_over: AtomicU64,
+    taken_over: AtomicU64,
+    unread_bodies: [AtomicU64; 2],
 }
 
 /// Requests hyper refused before any app saw them (it answers or closes by itself).
@@ -63,6 +66,9 @@ impl Stats {
             accepted: AtomicU64::new(0),
             by_status: (0..STATUSES).map(|_| AtomicU64::new(0)).collect(),
             rejected: Default::default(),
+            handed_over: AtomicU64::new(0),
+            taken_over: AtomicU64::new(0),
+            unread_bodies: Default::default(),
         }
     }
 
@@ -92,6 +98,27 @@ impl Stats {
 
     pub(crate) fn rejected(&self, why: Rejected) {
         self.rejected[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A kept-alive connection went to the next process through the fd store.
+    pub(crate) fn handed_over(&self) {
+        self.handed_over.fetch_add(1, Relaxed);
+    }
+
+    /// A connection came from the previous process through the fd store.
+    pub(crate) fn taken_over(&self) {
+        self.taken_over.fetch_add(1, Relaxed);
+    }
+
+    /// Connections handed to the next process so far.
+    pub fn handed_over_count(&self) -> u64 {
+        self.handed_over.load(Relaxed)
+    }
+
+    /// A request body the app left unread: `discarded` when it was read and thrown away so
+    /// that the connection stays usable, else the response announced `Connection: close`.
+    pub(crate) fn unread_body(&self, discarded: bool) {
+        self.unread_bodies[usize::from(discarded)].fetch_add(1, Relaxed);
     }
 
     pub(crate) fn answered(&self, status: u16) {
@@ -127,12 +154,22 @@ impl Stats {
              sdcluster_connections_open{{worker=\"{w}\"}} {}\n\
              # HELP sdcluster_connections_accepted_total Connections this worker accepted.\n# TYPE sdcluster_connections_accepted_total counter\n\
              sdcluster_connections_accepted_total{{worker=\"{w}\"}} {}\n\
+             # HELP sdcluster_handover_connections_total Kept-alive connections passed through the fd store across a restart, by direction.\n# TYPE sdcluster_handover_connections_total counter\n\
+             sdcluster_handover_connections_total{{worker=\"{w}\",direction=\"sent\"}} {}\n\
+             sdcluster_handover_connections_total{{worker=\"{w}\",direction=\"received\"}} {}\n\
+             # HELP sdcluster_unread_bodies_total Request bodies the app did not read: discarded (connection kept) or closed (Connection: close).\n# TYPE sdcluster_unread_bodies_total counter\n\
+             sdcluster_unread_bodies_total{{worker=\"{w}\",outcome=\"discarded\"}} {}\n\
+             sdcluster_unread_bodies_total{{worker=\"{w}\",outcome=\"closed\"}} {}\n\
              # HELP sdcluster_uptime_seconds Seconds since this worker started.\n# TYPE sdcluster_uptime_seconds gauge\n\
              sdcluster_uptime_seconds{{worker=\"{w}\"}} {:.3}\n\
              # HELP sdcluster_worker_info This worker's pid and version.\n# TYPE sdcluster_worker_info gauge\n\
              sdcluster_worker_info{{worker=\"{w}\",pid=\"{}\",version=\"{}\"}} 1\n",
             self.open(),
             self.accepted.load(Relaxed),
+            self.handed_over.load(Relaxed),
+            self.taken_over.load(Relaxed),
+            self.unread_bodies[1].load(Relaxed),
+            self.unread_bodies[0].load(Relaxed),
             self.started.elapsed().as_secs_f64(),
             std::process::id(),
             env!("CARGO_PKG_VERSION"),
@@ -170,5 +207,10 @@ mod tests {
         assert!(!text.contains("status=\"500\""));
         assert!(text.contains("sdcluster_http_rejected_total{worker=\"web\\\"1\",reason=\"too_large\"} 1\n"), "{text}");
         assert!(text.contains("reason=\"malformed\"} 0\n"));
+        s.handed_over();
+        s.unread_body(true);
+        let text = s.render_prometheus();
+        assert!(text.contains("direction=\"sent\"} 1\n") && text.contains("direction=\"received\"} 0\n"), "{text}");
+        assert!(text.contains("outcome=\"discarded\"} 1\n") && text.contains("outcome=\"closed\"} 0\n"), "{text}");
     }
 }

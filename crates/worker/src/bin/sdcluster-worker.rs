@@ -7,9 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
+use sdcluster_worker::RequestBody;
 
 /// Serve HTTP on the socket systemd (or `sdcluster run`) passes, or on --listen.
 ///
@@ -45,11 +45,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let debug = cli.debug_endpoints;
-    let app = service_fn(move |req: Request<Incoming>| async move { Ok::<_, Infallible>(answer(&req, debug).await) });
+    let app = service_fn(move |req: Request<RequestBody>| async move { Ok::<_, Infallible>(answer(&req, debug).await) });
     sdcluster_worker::run(cli.worker, app)
 }
 
-async fn answer(req: &Request<Incoming>, debug: bool) -> Response<Full<Bytes>> {
+async fn answer(req: &Request<RequestBody>, debug: bool) -> Response<Full<Bytes>> {
     match (req.uri().path(), debug) {
         ("/", _) => text(StatusCode::OK, BODY),
         ("/debug/sleep", true) => {
@@ -67,7 +67,7 @@ async fn answer(req: &Request<Incoming>, debug: bool) -> Response<Full<Bytes>> {
 }
 
 /// `?ms=N` of a debug request, capped.
-fn millis(req: &Request<Incoming>) -> u64 {
+fn millis(req: &Request<RequestBody>) -> u64 {
     req.uri()
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))

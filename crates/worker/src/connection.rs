@@ -1,0 +1,475 @@
+//! One client connection, from accept (or take-over) to close or hand-over.
+//!
+//! hyper serves the requests; around it, this module knows where the connection stands:
+//! busy with a request, or idle at a request boundary (waiting for the next one). That is
+//! what every decision here needs:
+//! - timeouts: an idle connection gets `--keepalive-timeout` to start its next request, a
+//!   request that started gets `--header-timeout` for its head (slowloris), a new connection
+//!   `--header-timeout` for its first request;
+//! - a drain that hands over: each connection is taken out of hyper at its next request
+//!   boundary, with the bytes hyper already read, and passed to the next process;
+//! - a drain with no replacement: responses announce `Connection: close`, and connections
+//!   still idle after the grace are closed; a kept-alive connection is never closed under a
+//!   client that may be sending its next request without having been told.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::gate::Gate;
+use crate::handover::HandOver;
+use crate::ops::{App, Instrumented};
+use crate::stats::Rejected;
+
+/// Where a connection stands, kept by the connection's I/O and by the service layer.
+pub(crate) struct ConnState {
+    /// Requests whose head was read (the service was called).
+    started: AtomicU32,
+    /// Responses sent to their end.
+    finished: AtomicU32,
+    /// When the last response ended (or the connection began): [`now_ns`].
+    boundary_at: AtomicU64,
+    /// When the first byte after that boundary arrived; 0 while none did.
+    first_byte_at: AtomicU64,
+    /// Responses must say `Connection: close` (a drain with no replacement).
+    close_next: AtomicBool,
+    /// A response said `Connection: close`: the client will not send another request.
+    announced_close: AtomicBool,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            started: AtomicU32::new(0),
+            finished: AtomicU32::new(0),
+            boundary_at: AtomicU64::new(now_ns()),
+            first_byte_at: AtomicU64::new(0),
+            close_next: AtomicBool::new(false),
+            announced_close: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn request_started(&self) {
+        self.started.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn response_finished(&self) {
+        self.first_byte_at.store(0, Relaxed);
+        self.boundary_at.store(now_ns(), Relaxed);
+        self.finished.fetch_add(1, Relaxed);
+    }
+
+    /// Whether the next response must announce `Connection: close`.
+    pub(crate) fn must_close(&self) -> bool {
+        self.close_next.load(Relaxed)
+    }
+
+    pub(crate) fn announce_close(&self) {
+        self.announced_close.store(true, Relaxed);
+    }
+
+    fn bytes_arrived(&self) {
+        if self.first_byte_at.load(Relaxed) == 0 {
+            self.first_byte_at.store(now_ns(), Relaxed);
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.started.load(Relaxed) == self.finished.load(Relaxed)
+    }
+
+    /// Nothing was ever read from this connection or answered on it.
+    fn untouched(&self) -> bool {
+        self.started.load(Relaxed) == 0 && self.first_byte_at.load(Relaxed) == 0
+    }
+
+    /// When an idle connection times out: its head's deadline once a byte of it arrived,
+    /// else the keep-alive (or, before the first request, the header) timeout.
+    fn idle_deadline(&self, limits: &Limits) -> Instant {
+        let first_byte = self.first_byte_at.load(Relaxed);
+        if first_byte != 0 {
+            instant(first_byte) + limits.header_timeout
+        } else if self.started.load(Relaxed) == 0 {
+            instant(self.boundary_at.load(Relaxed)) + limits.header_timeout
+        } else {
+            instant(self.boundary_at.load(Relaxed)) + limits.keepalive_timeout
+        }
+    }
+}
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the first call, never 0 (0 means "not yet" in [`ConnState`]).
+fn now_ns() -> u64 {
+    base().elapsed().as_nanos() as u64 + 1
+}
+
+fn instant(ns: u64) -> Instant {
+    base() + Duration::from_nanos(ns)
+}
+
+/// The timeouts of an idle connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) header_timeout: Duration,
+    pub(crate) keepalive_timeout: Duration,
+}
+
+/// What the worker is doing, as every connection sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drain {
+    /// Serving as usual.
+    Serving,
+    /// Stopping: hand idle connections to the next process if `handover`, else (and for
+    /// those the store has no room for) announce the close and close the idle ones once
+    /// `grace_until` has passed.
+    Stopping { handover: bool, grace_until: Instant },
+}
+
+/// A connection's own part of the drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Serving,
+    HandOver,
+    Close { grace_until: Instant },
+}
+
+/// What every connection of a worker shares.
+pub(crate) struct Shared<S> {
+    pub(crate) http: http1::Builder,
+    pub(crate) service: Instrumented<S>,
+    pub(crate) limits: Limits,
+    pub(crate) drain: watch::Receiver<Drain>,
+    pub(crate) handover: Arc<HandOver>,
+    pub(crate) gate: Arc<Gate>,
+}
+
+impl<S> Shared<S> {
+    /// The connection's mode once the worker drains.
+    fn enter(&self, drain: Drain, state: &ConnState) -> Mode {
+        match drain {
+            Drain::Serving => Mode::Serving,
+            Drain::Stopping { handover: true, .. } if self.handover.reserve() => Mode::HandOver,
+            Drain::Stopping { grace_until, .. } => {
+                state.close_next.store(true, Relaxed);
+                Mode::Close { grace_until }
+            }
+        }
+    }
+}
+
+/// An accepted (or taken-over) connection: TCP or Unix.
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// Wraps a connected socket passed from elsewhere (the fd store).
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+        let family = getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .map_err(io::Error::from)?
+            .family();
+        match family {
+            Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+                let std = std::net::TcpStream::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Self::Tcp(TcpStream::from_std(std)?))
+            }
+            Some(AddressFamily::Unix) => {
+                let std = std::os::unix::net::UnixStream::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Self::Unix(UnixStream::from_std(std)?))
+            }
+            other => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not a TCP or Unix socket: {other:?}"))),
+        }
+    }
+
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        Ok(match self {
+            Self::Tcp(s) => s.into_std()?.into(),
+            Self::Unix(s) => s.into_std()?.into(),
+        })
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => $e,
+            Stream::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        both!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// The stream as hyper sees it: first the bytes a previous process had already read, then
+/// the socket; every read tells the connection's state that bytes arrived.
+struct Tracked {
+    io: Stream,
+    prefix: Bytes,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            this.state.bytes_arrived();
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.state.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+type Hyper<S> = http1::Connection<TokioIo<Tracked>, Instrumented<S>>;
+
+/// How a run of hyper on the connection ended.
+enum Outcome {
+    /// hyper finished: the client closed, a response announced the close, an error, or the
+    /// shutdown asked for at a boundary took effect.
+    Ended(hyper::Result<()>),
+    /// Nothing was ever read from or written to the connection, and the drain wants it.
+    Untouched,
+    /// An idle connection's deadline passed (`head`: in the middle of a request head).
+    TimedOut { head: bool },
+}
+
+/// Drives hyper, and watches the connection's state each time hyper waits.
+struct Drive<'a, S: App> {
+    conn: &'a mut Hyper<S>,
+    state: &'a ConnState,
+    timer: Pin<&'a mut Sleep>,
+    mode: Mode,
+    limits: Limits,
+    /// Requests started when the shutdown at a boundary was asked for (`None`: not asked).
+    asked: &'a mut Option<u32>,
+}
+
+impl<S: App> Future for Drive<'_, S> {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(ended) = this.conn.poll_without_shutdown(cx) {
+                return Poll::Ready(Outcome::Ended(ended));
+            }
+            if !this.state.at_boundary() {
+                return Poll::Pending; // a request runs; the app decides how long
+            }
+            let now = Instant::now();
+            let stop = match this.mode {
+                Mode::Serving => false,
+                Mode::HandOver => true,
+                Mode::Close { grace_until } => now >= grace_until,
+            };
+            if stop {
+                if this.state.untouched() {
+                    return Poll::Ready(Outcome::Untouched);
+                }
+                if this.asked.is_none() {
+                    // Idle in hyper: it stops at once; finishing a response: right after it.
+                    Pin::new(&mut *this.conn).graceful_shutdown();
+                    *this.asked = Some(this.state.started.load(Relaxed));
+                    continue;
+                }
+            }
+            let timeout = this.state.idle_deadline(&this.limits);
+            let wake = match this.mode {
+                Mode::Close { grace_until } if this.asked.is_none() => timeout.min(grace_until),
+                _ => timeout,
+            };
+            if this.timer.deadline() > wake {
+                this.timer.as_mut().reset(wake);
+            }
+            match this.timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if now >= timeout => {
+                    let head = this.state.first_byte_at.load(Relaxed) != 0 || this.state.started.load(Relaxed) == 0;
+                    return Poll::Ready(Outcome::TimedOut { head });
+                }
+                // Woken early (a deadline that moved on, or the grace): look again.
+                Poll::Ready(()) => this.timer.as_mut().reset(wake.max(now + Duration::from_millis(1))),
+            }
+        }
+    }
+}
+
+/// Serves one connection to its end; `prefix` holds bytes a previous process had already
+/// read from it.
+pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Shared<S>>) {
+    shared.gate.opened();
+    let state = Arc::new(ConnState::new());
+    let mut drain = shared.drain.clone();
+    let mut drain_open = true;
+    let mut mode = Mode::Serving;
+    let timer = tokio::time::sleep(shared.limits.header_timeout);
+    tokio::pin!(timer);
+    let (mut io, mut prefix) = (stream, prefix);
+    loop {
+        let service = shared.service.for_connection(Arc::clone(&state));
+        let tracked = Tracked { io, prefix, state: Arc::clone(&state) };
+        let mut conn = shared.http.serve_connection(TokioIo::new(tracked), service);
+        let mut asked = None;
+        let outcome = loop {
+            let drive =
+                Drive { conn: &mut conn, state: &state, timer: timer.as_mut(), mode, limits: shared.limits, asked: &mut asked };
+            tokio::select! {
+                biased;
+                outcome = drive => break outcome,
+                changed = drain.changed(), if drain_open && mode == Mode::Serving => match changed {
+                    Ok(()) => mode = shared.enter(*drain.borrow_and_update(), &state),
+                    Err(_) => drain_open = false,
+                },
+            }
+        };
+        let handing_over = match outcome {
+            Outcome::Ended(Err(e)) => {
+                if let Some(why) = Rejected::of(&e) {
+                    shared.gate.stats().rejected(why);
+                }
+                tracing::debug!("connection ended with an error: {e}");
+                break;
+            }
+            Outcome::TimedOut { head } => {
+                if head {
+                    shared.gate.stats().rejected(Rejected::HeaderTimeout);
+                }
+                false
+            }
+            Outcome::Untouched => mode == Mode::HandOver,
+            Outcome::Ended(Ok(())) => {
+                // Our shutdown at a boundary, with no request served since and no close
+                // announced: the client expects this connection to carry its next request.
+                mode == Mode::HandOver
+                    && asked == Some(state.started.load(Relaxed))
+                    && !state.announced_close.load(Relaxed)
+            }
+        };
+        let parts = conn.into_parts();
+        let tracked = parts.io.into_inner();
+        if !handing_over {
+            let mut io = tracked.io;
+            // shutdown, not just close: another process (the fd store) may hold the socket too.
+            let _ = io.shutdown().await;
+            break;
+        }
+        let bytes = join(parts.read_buf, tracked.prefix);
+        let stream = tracked.io;
+        match stream.into_fd() {
+            Ok(fd) => match shared.handover.store(fd, &bytes).await {
+                Ok(()) => {
+                    shared.gate.stats().handed_over();
+                    break;
+                }
+                Err((e, fd)) => {
+                    tracing::warn!("cannot hand a connection over ({e}): closing it gracefully instead");
+                    match Stream::from_fd(fd) {
+                        Ok(s) => io = s,
+                        Err(_) => break,
+                    }
+                }
+            },
+            Err(e) => {
+                tracing::warn!("cannot take a connection out of the runtime ({e}); it is closed");
+                break;
+            }
+        }
+        // The store took it not: serve on, announcing the close.
+        prefix = bytes;
+        mode = match *drain.borrow() {
+            Drain::Stopping { grace_until, .. } => Mode::Close { grace_until },
+            Drain::Serving => Mode::Close { grace_until: Instant::now() },
+        };
+        state.close_next.store(true, Relaxed);
+    }
+    shared.gate.closed();
+}
+
+fn join(a: Bytes, b: Bytes) -> Bytes {
+    if b.is_empty() {
+        return a;
+    }
+    if a.is_empty() {
+        return b;
+    }
+    let mut all = BytesMut::with_capacity(a.len() + b.len());
+    all.extend_from_slice(&a);
+    all.extend_from_slice(&b);
+    all.freeze()
+}
