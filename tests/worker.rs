@@ -533,3 +533,207 @@ fn without_a_balance_table_a_burst_is_still_served() {
     assert_eq!(answered.values().sum::<usize>(), 64);
     assert!(answered.keys().all(|name| name == "u1" || name == "u2"), "{answered:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Kept-alive connections: never closed unannounced, handed over on a restart
+
+/// Sends a POST to `/` whose body follows its headers a moment later, as clients send it,
+/// and reads the answer (the reference app does not read bodies).
+fn post_late_body(conn: &mut Connection<TcpStream>, body: usize) -> Response {
+    let head = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {body}\r\n\r\n");
+    conn.send(head.as_bytes()).expect("send the head");
+    thread::sleep(Duration::from_millis(2));
+    conn.send(&vec![b'x'; body]).expect("send the body");
+    conn.read_response().expect("an answer to the POST")
+}
+
+/// One of the worker's Prometheus counters, summed over its label sets.
+fn metric(addr: SocketAddr, name: &str, label: &str) -> u64 {
+    http::get(addr, "/metrics")
+        .text()
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn an_unread_request_body_leaves_the_kept_alive_connection_usable() {
+    let (mut worker, _listener, addr) = start_with(&["--instance", "bodies", "--max-unread-body", "65536"]);
+    let mut conn = Connection::connect(addr).unwrap();
+    // The body arrives after the answer is ready: it is read and discarded, and the same
+    // connection carries every following request.
+    for i in 0..30 {
+        let response = if i % 3 == 0 { post_late_body(&mut conn, 512) } else { conn.get("/").unwrap() };
+        assert_ok_from(&response, "bodies");
+        assert!(!response.closes(), "request {i} closed the connection: {response:?}");
+    }
+    assert_eq!(metric(addr, "sdcluster_unread_bodies_total", "discarded"), 10);
+
+    // A body beyond --max-unread-body is not waited for: the answer announces the close.
+    let mut big = Connection::connect(addr).unwrap();
+    big.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n").unwrap();
+    let response = big.read_response().unwrap();
+    assert_ok_from(&response, "bodies");
+    assert!(response.closes(), "{response:?}");
+    big.set_read_timeout(PATIENCE).unwrap();
+    assert_eq!(big.peer_state(), PeerState::Closed);
+    assert_eq!(metric(addr, "sdcluster_unread_bodies_total", "closed"), 1);
+    assert_still_serves(&mut worker, addr, "bodies");
+}
+
+#[test]
+fn an_idle_kept_alive_connection_gets_the_keepalive_timeout_not_the_header_timeout() {
+    let (_worker, _listener, addr) =
+        start_with(&["--instance", "idle", "--header-timeout", "1s", "--keepalive-timeout", "3s"]);
+    let mut conn = Connection::connect(addr).unwrap();
+    assert_ok_from(&conn.get("/").unwrap(), "idle");
+    thread::sleep(Duration::from_millis(1800)); // past the header timeout, idle
+    assert_ok_from(&conn.get("/").unwrap(), "idle");
+    let idle_since = Instant::now();
+    conn.set_read_timeout(PATIENCE).unwrap();
+    assert_eq!(conn.peer_state(), PeerState::Closed);
+    let lasted = idle_since.elapsed();
+    assert!(lasted >= Duration::from_millis(2800) && lasted < Duration::from_secs(6), "closed after {lasted:?}");
+
+    // A head that started is held to the header timeout, also on a kept-alive connection.
+    let mut slow = Connection::connect(addr).unwrap();
+    assert_ok_from(&slow.get("/").unwrap(), "idle");
+    slow.send(b"GET / HTTP/1.1\r\nHo").unwrap();
+    let started = Instant::now();
+    slow.set_read_timeout(PATIENCE).unwrap();
+    assert_eq!(slow.peer_state(), PeerState::Closed);
+    assert!(started.elapsed() < Duration::from_millis(2500), "cut after {:?}", started.elapsed());
+}
+
+#[test]
+fn a_stop_with_no_replacement_announces_the_close_before_closing_idle_connections() {
+    let (_dir, mut notify) = notify_socket("stop-graceful");
+    let (mut worker, _listener, addr) = start_on_passed_socket(
+        WorkerCommand::new()
+            .args(["--instance", "stopping", "--close-grace", "1500ms"])
+            .notify_socket(notify.path())
+            .env("SDCLUSTER_FDSTORE_MAX", "16"),
+    );
+    notify.wait_for("READY=1", PATIENCE);
+    let mut active = Connection::connect(addr).unwrap();
+    let mut idle = Connection::connect(addr).unwrap();
+    assert_ok_from(&active.get("/").unwrap(), "stopping");
+    assert_ok_from(&idle.get("/").unwrap(), "stopping");
+
+    worker.signal(libc::SIGTERM);
+    notify.wait_for("STOPPING=1", PATIENCE);
+    let stopped = Instant::now();
+    // A client that sends its next request during the grace is answered, and told.
+    let response = active.get("/").unwrap();
+    assert_ok_from(&response, "stopping");
+    assert!(response.closes(), "{response:?}");
+    // One that stays idle is closed once the grace is over, not before.
+    idle.set_read_timeout(PATIENCE).unwrap();
+    assert_eq!(idle.peer_state(), PeerState::Closed);
+    assert!(stopped.elapsed() >= Duration::from_millis(1300), "closed after {:?}", stopped.elapsed());
+    assert_eq!(worker.exit_code(PATIENCE), 0);
+    assert!(notify.take_stored().is_empty(), "nothing is stored without the hand-over flag");
+}
+
+#[test]
+fn a_restart_hands_kept_alive_connections_to_the_next_process() {
+    let (dir, mut notify) = notify_socket("handover");
+    let flag = dir.path().join("handover-flag");
+    std::fs::write(&flag, "").unwrap();
+    let listener = net::listener();
+    let addr = net::addr_of(&listener);
+    let notify_path = notify.path().to_owned();
+    let command = |instance: &str| {
+        WorkerCommand::new()
+            .args(["--instance", instance])
+            .notify_socket(&notify_path)
+            .env("SDCLUSTER_HANDOVER_FLAG", &flag)
+            .env("SDCLUSTER_FDSTORE_MAX", "16")
+    };
+    let mut first = command("first").pass_fds(vec![net::dup(&listener)], Some("http")).spawn();
+    notify.wait_for("READY=1", PATIENCE);
+    let mut kept: Vec<Connection<TcpStream>> = (0..3).map(|_| Connection::connect(addr).unwrap()).collect();
+    for conn in &mut kept {
+        assert_ok_from(&conn.get("/").unwrap(), "first");
+    }
+    // This client has begun its next request when the worker stops: those bytes travel too.
+    kept[2].send(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    thread::sleep(Duration::from_millis(100));
+
+    first.signal(libc::SIGTERM);
+    // Receiving the BARRIER=1 closes the fd it came with: the worker may exit.
+    notify.wait_for("BARRIER=1", PATIENCE);
+    assert_eq!(first.exit_code(PATIENCE), 0);
+    let stored = notify.take_stored();
+    let names: Vec<String> = stored.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(names.iter().filter(|n| n.starts_with("sdcluster-conn.")).count(), 3, "{names:?}");
+    assert_eq!(names.iter().filter(|n| n.starts_with("sdcluster-bytes.")).count(), 1, "{names:?}");
+
+    // The next process gets them after its listener, as systemd passes a store.
+    let fd_names = std::iter::once("http").chain(names.iter().map(String::as_str)).collect::<Vec<_>>().join(":");
+    let mut fds = vec![net::dup(&listener)];
+    fds.extend(stored.into_iter().map(|(_, fd)| fd));
+    let mut second = command("second").pass_fds(fds, Some(&fd_names)).spawn();
+    // The same client connections carry on: no reconnect, no failure.
+    for conn in &mut kept[..2] {
+        assert_ok_from(&conn.get("/").unwrap(), "second");
+    }
+    kept[2].send(b"st: t\r\n\r\n").unwrap();
+    let finished = kept[2].read_response().unwrap();
+    assert_eq!((finished.status, finished.text()), (200, "ok\n".to_owned()));
+    assert_ok_from(&kept[2].get("/").unwrap(), "second");
+    // ...and the store no longer holds them.
+    notify.wait_for_nth("FDSTOREREMOVE=1", names.len(), PATIENCE);
+    let removed: Vec<String> = notify
+        .received()
+        .iter()
+        .filter(|n| n.has("FDSTOREREMOVE=1"))
+        .filter_map(|n| n.value("FDNAME").map(str::to_owned))
+        .collect();
+    assert_eq!(removed.len(), names.len());
+    assert!(names.iter().all(|n| removed.contains(n)), "{names:?} {removed:?}");
+    assert_eq!(metric(addr, "sdcluster_handover_connections_total", "received"), 3);
+    second.signal(libc::SIGTERM);
+    assert_eq!(second.exit_code(PATIENCE), 0);
+}
+
+#[test]
+fn connections_beyond_the_store_capacity_are_closed_gracefully_instead() {
+    let (dir, mut notify) = notify_socket("handover-full");
+    let flag = dir.path().join("handover-flag");
+    std::fs::write(&flag, "").unwrap();
+    let (mut worker, _listener, addr) = start_on_passed_socket(
+        WorkerCommand::new()
+            .args(["--instance", "full", "--close-grace", "300ms"])
+            .notify_socket(notify.path())
+            .env("SDCLUSTER_HANDOVER_FLAG", &flag)
+            .env("SDCLUSTER_FDSTORE_MAX", "2"),
+    );
+    notify.wait_for("READY=1", PATIENCE);
+    let mut conns: Vec<Connection<TcpStream>> = (0..4).map(|_| Connection::connect(addr).unwrap()).collect();
+    for conn in &mut conns {
+        assert_ok_from(&conn.get("/").unwrap(), "full");
+    }
+    worker.signal(libc::SIGTERM);
+    notify.wait_for("BARRIER=1", PATIENCE);
+    assert_eq!(worker.exit_code(PATIENCE), 0);
+    // The two the store had no room for were closed after the grace; the stored two are
+    // still open, held by the store.
+    let states: Vec<PeerState> = conns
+        .iter_mut()
+        .map(|c| {
+            c.set_read_timeout(QUIET).unwrap();
+            c.peer_state()
+        })
+        .collect();
+    assert_eq!(states.iter().filter(|s| **s == PeerState::Closed).count(), 2, "{states:?}");
+    assert_eq!(states.iter().filter(|s| **s == PeerState::Silent).count(), 2, "{states:?}");
+    let stored = notify.take_stored();
+    assert_eq!(
+        stored.len(),
+        2,
+        "the store holds as many as it may: {:?}",
+        stored.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+}

@@ -1,5 +1,6 @@
 //! The supervisor's end of `sd_notify(3)`: a datagram socket a worker reports to.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,6 +32,8 @@ pub struct NotifySocket {
     socket: UnixDatagram,
     path: PathBuf,
     received: Vec<Notification>,
+    /// Fds sent with `FDSTORE=1`, by `FDNAME=`, as a supervisor's fd store keeps them.
+    stored: Vec<(String, OwnedFd)>,
 }
 
 impl NotifySocket {
@@ -38,7 +41,7 @@ impl NotifySocket {
     pub fn bind(dir: &Path) -> Self {
         let path = dir.join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap_or_else(|e| panic!("bind {}: {e}", path.display()));
-        Self { socket, path, received: Vec::new() }
+        Self { socket, path, received: Vec::new(), stored: Vec::new() }
     }
 
     /// The value for `NOTIFY_SOCKET`.
@@ -94,21 +97,45 @@ impl NotifySocket {
         }
     }
 
-    /// Receives one datagram unless `deadline` passes first; false when it did.
+    /// Takes the fds stored so far with `FDSTORE=1`, each with its `FDNAME=`.
+    pub fn take_stored(&mut self) -> Vec<(String, OwnedFd)> {
+        std::mem::take(&mut self.stored)
+    }
+
+    /// Receives one datagram unless `deadline` passes first; false when it did. Fds sent
+    /// along are kept when the datagram says `FDSTORE=1`, and closed otherwise (which is
+    /// how a `BARRIER=1` is answered).
     fn receive_one(&mut self, deadline: Instant) -> bool {
         let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
             return false;
         };
         self.socket.set_read_timeout(Some(left)).expect("set a read timeout");
         let mut buf = [0; 4096];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                self.received.push(Notification { text, at: Instant::now() });
-                true
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 16]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let flags = nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC;
+        let received = nix::sys::socket::recvmsg::<()>(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), flags);
+        let (n, fds) = match received {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().into_iter().flatten() {
+                    if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel just installed these fds in this process for us.
+                        fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
+                }
+                (msg.bytes, fds)
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => false,
+            Err(nix::errno::Errno::EAGAIN) => return false,
             Err(e) => panic!("receiving on {}: {e}", self.path.display()),
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let notification = Notification { text, at: Instant::now() };
+        if notification.has("FDSTORE=1") {
+            let name = notification.value("FDNAME").unwrap_or("stored").to_owned();
+            self.stored.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
         }
+        self.received.push(notification);
+        true
     }
 }

@@ -76,7 +76,15 @@ mod tests {
 
     #[test]
     fn other_names_are_not_ours() {
-        for name in ["http", "sdcluster-balance", "sdcluster-conn.", "sdcluster-conn.1", "sdcluster-conn.1.x", "sdcluster-conn.1.2.3", "conn0"] {
+        for name in [
+            "http",
+            "sdcluster-balance",
+            "sdcluster-conn.",
+            "sdcluster-conn.1",
+            "sdcluster-conn.1.x",
+            "sdcluster-conn.1.2.3",
+            "conn0",
+        ] {
             assert_eq!(parse_stored(name), None, "{name}");
         }
     }

@@ -184,9 +184,8 @@ impl Stream {
     /// Wraps a connected socket passed from elsewhere (the fd store).
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
-        let family = getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .map_err(io::Error::from)?
-            .family();
+        let family =
+            getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(io::Error::from)?.family();
         match family {
             Some(AddressFamily::Inet | AddressFamily::Inet6) => {
                 let std = std::net::TcpStream::from(fd);
@@ -371,9 +370,9 @@ impl<S: App> Future for Drive<'_, S> {
 }
 
 /// Serves one connection to its end; `prefix` holds bytes a previous process had already
-/// read from it.
+/// read from it. The caller counts the connection open (`Gate::opened`) before spawning
+/// this, so that the accept loop sees its own count at once; this counts it closed.
 pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Shared<S>>) {
-    shared.gate.opened();
     let state = Arc::new(ConnState::new());
     let mut drain = shared.drain.clone();
     let mut drain_open = true;
@@ -387,8 +386,14 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
         let mut conn = shared.http.serve_connection(TokioIo::new(tracked), service);
         let mut asked = None;
         let outcome = loop {
-            let drive =
-                Drive { conn: &mut conn, state: &state, timer: timer.as_mut(), mode, limits: shared.limits, asked: &mut asked };
+            let drive = Drive {
+                conn: &mut conn,
+                state: &state,
+                timer: timer.as_mut(),
+                mode,
+                limits: shared.limits,
+                asked: &mut asked,
+            };
             tokio::select! {
                 biased;
                 outcome = drive => break outcome,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use sdcluster_protocol::PassedFd;
 use sdcluster_protocol::handover::{
-    FDSTORE_MAX_ENV, HANDOVER_FLAG_ENV, StoredFd, SYSTEMD_FDSTORE_ENV, bytes_name, connection_name, parse_stored,
+    FDSTORE_MAX_ENV, HANDOVER_FLAG_ENV, SYSTEMD_FDSTORE_ENV, StoredFd, bytes_name, connection_name, parse_stored,
     store_capacity,
 };
 
@@ -110,8 +110,7 @@ impl HandOver {
     /// Waits until the supervisor has handled every notification sent so far
     /// (`sd_notify_barrier(3)`), so that no stored fd is still in flight when we exit.
     pub(crate) async fn barrier(&self) {
-        let Ok((read, write)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-        else {
+        let Ok((read, write)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK) else {
             return;
         };
         if self.send("BARRIER=1\n", Some(write.as_fd())).await.is_err() {
@@ -135,7 +134,8 @@ impl HandOver {
         let started = Instant::now();
         loop {
             let iov = [IoSlice::new(message.as_bytes())];
-            match sendmsg(socket.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, Some(addr)) {
+            match sendmsg(socket.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, Some(addr))
+            {
                 Ok(_) => return Ok(()),
                 Err(nix::errno::Errno::EAGAIN) if started.elapsed() < SEND_PATIENCE => {
                     tokio::time::sleep(Duration::from_millis(1)).await;

@@ -114,6 +114,7 @@ impl Server {
             match Stream::from_fd(taken.fd) {
                 Ok(stream) => {
                     self.stats.taken_over();
+                    gate.opened();
                     tokio::spawn(connection::serve(stream, taken.bytes, Arc::clone(&shared)));
                 }
                 Err(e) => tracing::warn!("cannot serve a handed-over connection: {e}"),
@@ -202,6 +203,7 @@ async fn accept_loop<S: App>(listener: AsyncFd<Listener>, shared: Arc<Shared<S>>
                 };
                 match stream {
                     Ok(stream) => {
+                        shared.gate.opened();
                         tokio::spawn(connection::serve(stream, bytes::Bytes::new(), Arc::clone(&shared)));
                     }
                     Err(e) => tracing::warn!("cannot register a connection: {e}"),
