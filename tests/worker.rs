@@ -646,7 +646,7 @@ fn a_restart_hands_kept_alive_connections_to_the_next_process() {
     let notify_path = notify.path().to_owned();
     let command = |instance: &str| {
         WorkerCommand::new()
-            .args(["--instance", instance])
+            .args(["--instance", instance, "--debug-endpoints"])
             .notify_socket(&notify_path)
             .env("SDCLUSTER_HANDOVER_FLAG", &flag)
             .env("SDCLUSTER_FDSTORE_MAX", "16")
@@ -659,15 +659,23 @@ fn a_restart_hands_kept_alive_connections_to_the_next_process() {
     }
     // This client has begun its next request when the worker stops: those bytes travel too.
     kept[2].send(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    // And this one is in the middle of a slow request.
+    let mut busy = Connection::connect(addr).unwrap();
+    busy.send_get("/debug/sleep?ms=400").unwrap();
     thread::sleep(Duration::from_millis(100));
 
     first.signal(libc::SIGTERM);
+    // The request in flight is answered by the stopping process, and the connection is not
+    // closed after it: it goes over too.
+    let slow = busy.read_response().unwrap();
+    assert_ok_from(&slow, "first");
+    assert!(!slow.closes(), "{slow:?}");
     // Receiving the BARRIER=1 closes the fd it came with: the worker may exit.
     notify.wait_for("BARRIER=1", PATIENCE);
     assert_eq!(first.exit_code(PATIENCE), 0);
     let stored = notify.take_stored();
     let names: Vec<String> = stored.iter().map(|(n, _)| n.clone()).collect();
-    assert_eq!(names.iter().filter(|n| n.starts_with("sdcluster-conn.")).count(), 3, "{names:?}");
+    assert_eq!(names.iter().filter(|n| n.starts_with("sdcluster-conn.")).count(), 4, "{names:?}");
     assert_eq!(names.iter().filter(|n| n.starts_with("sdcluster-bytes.")).count(), 1, "{names:?}");
 
     // The next process gets them after its listener, as systemd passes a store.
@@ -676,7 +684,7 @@ fn a_restart_hands_kept_alive_connections_to_the_next_process() {
     fds.extend(stored.into_iter().map(|(_, fd)| fd));
     let mut second = command("second").pass_fds(fds, Some(&fd_names)).spawn();
     // The same client connections carry on: no reconnect, no failure.
-    for conn in &mut kept[..2] {
+    for conn in kept[..2].iter_mut().chain([&mut busy]) {
         assert_ok_from(&conn.get("/").unwrap(), "second");
     }
     kept[2].send(b"st: t\r\n\r\n").unwrap();
@@ -693,7 +701,8 @@ fn a_restart_hands_kept_alive_connections_to_the_next_process() {
         .collect();
     assert_eq!(removed.len(), names.len());
     assert!(names.iter().all(|n| removed.contains(n)), "{names:?} {removed:?}");
-    assert_eq!(metric(addr, "sdcluster_handover_connections_total", "received"), 3);
+    assert_eq!(metric(addr, "sdcluster_handover_connections_total", "received"), 4);
+    drop((kept, busy));
     second.signal(libc::SIGTERM);
     assert_eq!(second.exit_code(PATIENCE), 0);
 }

@@ -48,6 +48,9 @@ pub(crate) struct ConnState {
     close_next: AtomicBool,
     /// A response said `Connection: close`: the client will not send another request.
     announced_close: AtomicBool,
+    /// Hand-over: once the request in flight is answered, read nothing more (a client that
+    /// always has its next request ready would otherwise never leave hyper at a boundary).
+    hold_reads: AtomicBool,
 }
 
 impl ConnState {
@@ -59,6 +62,7 @@ impl ConnState {
             first_byte_at: AtomicU64::new(0),
             close_next: AtomicBool::new(false),
             announced_close: AtomicBool::new(false),
+            hold_reads: AtomicBool::new(false),
         }
     }
 
@@ -165,7 +169,10 @@ impl<S> Shared<S> {
     fn enter(&self, drain: Drain, state: &ConnState) -> Mode {
         match drain {
             Drain::Serving => Mode::Serving,
-            Drain::Stopping { handover: true, .. } if self.handover.reserve() => Mode::HandOver,
+            Drain::Stopping { handover: true, .. } if self.handover.reserve() => {
+                state.hold_reads.store(true, Relaxed);
+                Mode::HandOver
+            }
             Drain::Stopping { grace_until, .. } => {
                 state.close_next.store(true, Relaxed);
                 Mode::Close { grace_until }
@@ -257,6 +264,11 @@ struct Tracked {
 impl AsyncRead for Tracked {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.state.hold_reads.load(Relaxed) && this.state.at_boundary() && this.state.started.load(Relaxed) > 0 {
+            // The connection's next request is for the next process; [`Drive`] takes the
+            // connection out of hyper in this same poll, so nobody waits for a wake-up.
+            return Poll::Pending;
+        }
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
@@ -462,6 +474,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
             Drain::Serving => Mode::Close { grace_until: Instant::now() },
         };
         state.close_next.store(true, Relaxed);
+        state.hold_reads.store(false, Relaxed);
     }
     shared.gate.closed();
 }
