@@ -28,6 +28,11 @@ impl App {
     /// Installs and starts `name` with `instances` workers of the reference worker and any
     /// extra `sdcluster install` flags; waits until every instance is active.
     fn install(name: &str, instances: u32, flags: &[&str]) -> Option<Self> {
+        Self::install_with(name, instances, flags, None)
+    }
+
+    /// [`App::install`] with `command` as the worker (default: the reference worker).
+    fn install_with(name: &str, instances: u32, flags: &[&str], command: Option<&[&str]>) -> Option<Self> {
         let sdbox = SdBox::shared()?;
         let worker = sdbox.install_worker();
         static COPIED: std::sync::Once = std::sync::Once::new();
@@ -37,7 +42,8 @@ impl App {
         let count = instances.to_string();
         let mut args = vec![GUEST_SDCLUSTER, "install", "--name", name, "--listen", &listen, "--instances", &count];
         args.extend(flags);
-        args.extend(["--now", "--", worker, "--debug-endpoints"]);
+        args.extend(["--now", "--"]);
+        args.extend(command.unwrap_or(&[worker, "--debug-endpoints"]));
         sdbox.exec_ok(&args);
         let app = Self { sdbox, name: name.into(), addr };
         for k in 1..=instances {
@@ -69,6 +75,22 @@ impl App {
 
     fn main_pid(&self, k: u32) -> u32 {
         self.sdbox.property(&self.unit(k), "MainPID").parse().expect("MainPID is a number")
+    }
+
+    /// The instances systemd runs now (`list-units`: active, whatever wants them).
+    fn running(&self) -> Vec<String> {
+        let pattern = format!("{}@*.service", self.name);
+        let out = self.sdbox.systemctl(&["list-units", "--plain", "--no-legend", "--state=active", &pattern]);
+        out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect()
+    }
+
+    /// Waits until the journal of instance `k` has `line` `times` times.
+    fn wait_journal(&self, k: u32, line: &str, times: usize) {
+        let unit = self.unit(k);
+        self.wait(&format!("{times} × {line:?} in the journal of {unit}"), || {
+            let journal = self.sdbox.exec_ok(&["journalctl", "--no-pager", "-o", "cat", "-u", &unit]);
+            journal.lines().filter(|l| l.contains(line)).count() >= times
+        });
     }
 
     fn restarts(&self, k: u32) -> u32 {
@@ -248,7 +270,11 @@ fn the_socket_restarts_and_a_stopped_app_starts_on_demand() {
     assert_eq!(http::get(app.addr, "/").status, 200);
     // Every worker stopped: a connection is queued, not refused, and starts the app.
     app.sdbox.systemctl(&["stop", "ondemand.target"]);
-    assert_eq!(app.sdbox.property(&app.unit(1), "ActiveState"), "inactive");
+    // `systemctl stop` waits for the target's job, not for the workers' (PartOf=), whose
+    // stop hooks and drain take a moment.
+    for k in 1..=2 {
+        app.wait("the workers stopped", || app.sdbox.property(&app.unit(k), "ActiveState") == "inactive");
+    }
     assert_eq!(http::get(app.addr, "/").status, 200);
     app.sdbox.wait_active("ondemand.target");
 }
@@ -319,4 +345,122 @@ fn an_edited_unit_is_not_overwritten_without_force() {
     forced.insert(1, "--force");
     assert!(app.sdcluster_ok(&forced).contains("overwrote edited"));
     assert!(app.sdbox.exec_ok(&["cat", path]).contains("RestartSec=100ms"));
+}
+
+/// The mission's sequence: instances started by hand beyond the spec's count are shown,
+/// restarted and scaled like the others, and status lists every listen address.
+#[test]
+fn status_restart_and_scale_act_on_every_instance_systemd_runs() {
+    let second = net::free_addr().to_string();
+    let Some(app) = App::install("mission", 2, &["--listen", &second]) else { return };
+    app.sdbox.systemctl(&["stop", "mission.target"]);
+    app.sdbox.systemctl(&["start", "mission@1.service", "mission@2.service", "mission@3.service", "mission@4.service"]);
+    let status = app.status();
+    assert_eq!(status.listen, [app.addr.to_string(), second]);
+    let shown: Vec<&str> = status.instances.iter().map(|i| i.instance.as_str()).collect();
+    assert_eq!(shown, ["1", "2", "3", "4"], "{status:?}");
+    assert!(status.instances.iter().all(|i| i.state == "active/running"), "{status:?}");
+
+    let before: Vec<u32> = (1..=4).map(|k| app.main_pid(k)).collect();
+    let out = app.sdcluster_ok(&["restart", "--rolling", "mission"]);
+    assert!(out.contains("restarted 4 instances"), "{out}");
+    let after: Vec<u32> = (1..=4).map(|k| app.main_pid(k)).collect();
+    assert!(before.iter().zip(&after).all(|(b, a)| b != a && *a != 0), "4 new pids: {before:?} -> {after:?}");
+
+    let out = app.sdcluster_ok(&["scale", "mission", "3"]);
+    assert!(out.contains("4 -> 3"), "{out}");
+    assert_eq!(app.running(), ["mission@1.service", "mission@2.service", "mission@3.service"]);
+    assert_eq!(app.status().instances.len(), 3);
+    assert_eq!(app.workers_answering(30), set(&["1", "2", "3"]));
+}
+
+/// A new version that can't start: the first instance shows it, the others keep serving on
+/// the old one.
+#[test]
+fn a_rolling_restart_stops_at_the_first_instance_that_does_not_come_back() {
+    const PROGRAM: &str = "/usr/local/bin/doomed-worker";
+    let Some(sdbox) = SdBox::shared() else { return };
+    sdbox.exec_ok(&["cp", sdbox.install_worker(), PROGRAM]);
+    let Some(app) = App::install_with("doomed", 3, &[], Some(&[PROGRAM])) else { return };
+    let before: Vec<u32> = (1..=3).map(|k| app.main_pid(k)).collect();
+    // Replaced as a package would: a new file renamed over the old one.
+    sdbox.write_file(&format!("{PROGRAM}.new"), "#!/bin/sh\nexit 1\n");
+    sdbox.exec_ok(&["chmod", "755", &format!("{PROGRAM}.new")]);
+    sdbox.exec_ok(&["mv", &format!("{PROGRAM}.new"), PROGRAM]);
+
+    let out = app.sdcluster(&["restart", "--rolling", "doomed"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("doomed@1.service did not come back ready"), "{err}");
+    assert!(err.contains("left doomed@2.service, doomed@3.service on their old processes"), "{err}");
+    assert!(!err.contains("restarting doomed@2"), "{err}");
+    assert_eq!(app.main_pid(2), before[1]);
+    assert_eq!(app.main_pid(3), before[2]);
+    assert_ne!(app.main_pid(1), before[0]);
+    let served = app.workers_answering(20);
+    assert!(!served.is_empty() && served.is_subset(&set(&["2", "3"])), "{served:?}");
+}
+
+/// A worker that reports, at SIGTERM, whether its hand-over flag exists.
+const FLAG_WORKER: &str = r#"
+import os, signal, socket, sys
+FLAG = os.environ.get("SDCLUSTER_HANDOVER_FLAG", "")
+NAME = os.environ.get("SDCLUSTER_INSTANCE", "?")
+def on_term(*_):
+    try:
+        os.stat(FLAG)
+        seen = "present"
+    except FileNotFoundError:
+        seen = "absent"
+    except OSError as e:
+        seen = f"unreadable ({e})"
+    print(f"flag-worker {NAME}: SIGTERM, flag {seen}, store {os.environ.get('SDCLUSTER_FDSTORE_MAX')}", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+address = os.environ["NOTIFY_SOCKET"]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.connect("\0" + address[1:] if address.startswith("@") else address)
+    s.sendall(b"READY=1")
+while True:
+    signal.pause()
+"#;
+
+/// The workers' stop hook: the flag exists when the worker gets SIGTERM for a restart job
+/// (`systemctl restart`, a rolling restart, a restart of the target) and not for a stop job
+/// (`systemctl stop`, scale down), even when a stale one was left; and the store is sized.
+#[test]
+fn the_stop_hook_flags_restarts_and_not_stops() {
+    const SCRIPT: &str = "/usr/local/lib/flag-worker.py";
+    let Some(sdbox) = SdBox::shared() else { return };
+    sdbox.write_file(SCRIPT, FLAG_WORKER);
+    let flags = ["--watchdog", "off", "--handover-max", "16"];
+    let Some(app) = App::install_with("hook", 2, &flags, Some(&["/usr/bin/python3", SCRIPT])) else { return };
+    assert_eq!(app.sdbox.property("hook@1.service", "FileDescriptorStoreMax"), "16");
+    let flag = |k: u32| format!("/run/sdcluster/hook/handover/{k}");
+    let exists = |k: u32| app.sdbox.exec(&["test", "-e", &flag(k)]).status.success();
+    let present = "SIGTERM, flag present, store 16";
+    let absent = "SIGTERM, flag absent, store 16";
+
+    app.sdbox.systemctl(&["restart", "hook@1.service"]);
+    app.wait_journal(1, present, 1);
+    app.sdbox.wait_active("hook@1.service");
+    assert!(!exists(1), "the flag outlived the restart");
+
+    // A stale flag (a hook that never ran after it) does not survive a stop.
+    app.sdbox.write_file(&flag(2), "stale\n");
+    app.sdbox.systemctl(&["stop", "hook@2.service"]);
+    app.wait_journal(2, absent, 1);
+    assert!(!exists(2));
+
+    let out = app.sdcluster_ok(&["restart", "--rolling", "hook"]);
+    assert!(out.contains("restarted 2 instances"), "{out}");
+    app.wait_journal(1, present, 2);
+    app.sdbox.systemctl(&["restart", "hook.target"]);
+    app.wait_journal(1, present, 3);
+    app.wait_journal(2, present, 1);
+
+    assert!(app.sdcluster_ok(&["scale", "hook", "1"]).contains("2 -> 1"));
+    app.wait_journal(2, absent, 2);
+    let journal = app.sdbox.exec_ok(&["journalctl", "--no-pager", "-o", "cat", "-u", "hook@*.service"]);
+    assert!(!journal.contains("unreadable"), "{journal}");
 }

@@ -88,6 +88,18 @@ enum Command {
         /// A count, or "auto" for one per CPU.
         instances: String,
     },
+    /// The workers' ExecStop=+ and ExecStopPost=+: creates the hand-over flag FLAG when the
+    /// job stopping UNIT is a restart, removes it otherwise (and always with --stopped).
+    #[command(hide = true)]
+    StopHook {
+        /// After the worker stopped: remove the flag.
+        #[arg(long)]
+        stopped: bool,
+        /// The instance (%n).
+        unit: String,
+        /// Its hand-over flag file.
+        flag: PathBuf,
+    },
     /// systemd generator entry point (systemd.generator(7)); installed by the package.
     #[command(hide = true)]
     SystemdGenerator {
@@ -129,6 +141,9 @@ struct TargetArgs {
     /// Install under this root instead of / (offline: nothing is started).
     #[arg(long, default_value = "/")]
     root: PathBuf,
+    /// The sdcluster program the workers' stop hook runs (default: this one).
+    #[arg(long, value_name = "PATH")]
+    sdcluster_path: Option<PathBuf>,
 }
 
 impl TargetArgs {
@@ -136,6 +151,13 @@ impl TargetArgs {
         match self.systemd_version {
             Some(v) => Ok(v),
             None => Ok(systemctl::version().context("cannot tell the systemd version; pass --systemd-version")?),
+        }
+    }
+
+    fn sdcluster(&self) -> Result<PathBuf> {
+        match &self.sdcluster_path {
+            Some(path) => Ok(path.clone()),
+            None => std::env::current_exe().context("cannot find this program's path; pass --sdcluster-path"),
         }
     }
 }
@@ -172,6 +194,10 @@ struct SpecArgs {
     /// One shared queue with a balance table, or an SO_REUSEPORT socket per instance.
     #[arg(long, value_enum)]
     balance: Option<Balance>,
+    /// Kept-alive connections an instance may hand to its next process on a restart (its fd
+    /// store, FileDescriptorStoreMax=); 0 turns hand-over off.
+    #[arg(long, value_name = "N")]
+    handover_max: Option<i64>,
     /// The worker command (default: sdcluster-worker next to this program), after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -223,6 +249,7 @@ impl SpecArgs {
         file.watchdog = self.watchdog.or(file.watchdog);
         file.stop_timeout = self.stop_timeout.or(file.stop_timeout);
         file.balance = self.balance.or(file.balance);
+        file.handover_max = self.handover_max.or(file.handover_max);
         if !self.command.is_empty() {
             file.command = Some(CommandLine::Argv(self.command));
         }
@@ -257,7 +284,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Generate { spec, output, target } => {
             let (spec, source) = spec.resolve_checking(false)?;
-            let units = units::render(&spec, target.version()?, &source);
+            let units = units::render(&spec, target.version()?, &source, &target.sdcluster()?);
             match output {
                 None => {
                     for unit in &units {
@@ -277,7 +304,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Install { spec, force, now, target } => {
             let (spec, source) = spec.resolve()?;
-            let units = units::render(&spec, target.version()?, &source);
+            let units = units::render(&spec, target.version()?, &source, &target.sdcluster()?);
             let installed = systemd::install(&spec, &units, &target.root, force)?;
             for change in &installed.changes {
                 println!("{change}");
@@ -346,6 +373,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let (from, to) = under_systemd(not_running, || systemd::scale(&app, n))?;
                     println!("{app}: {from} -> {to} instances");
                 }
+            }
+        }
+        Command::StopHook { stopped, unit, flag } => {
+            // Never fails the stop: without the flag the worker closes its connections
+            // gracefully instead of handing them over. Its output goes to the unit's journal.
+            match systemd::stop_hook(&unit, &flag, stopped) {
+                Ok(systemd::Hook::Restarting(job)) => println!("restart job {job}: hand-over flag {}", flag.display()),
+                Ok(_) => {}
+                Err(e) => eprintln!("sdcluster stop-hook {unit}: {e}; connections are closed, not handed over"),
             }
         }
         Command::SystemdGenerator { normal, rest: _ } => {

@@ -89,3 +89,102 @@ pub fn listening(socket: &str) -> Result<Vec<String>, SystemctlError> {
         .map(str::to_owned)
         .collect())
 }
+
+/// One line of `systemctl list-units`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitState {
+    /// The unit name.
+    pub name: String,
+    /// `loaded`, `not-found`, ...
+    pub load: String,
+    /// `active`, `activating`, `deactivating`, `reloading`, `inactive`, `failed`.
+    pub active: String,
+    /// The type's own state: `running`, `auto-restart`, `dead`, ...
+    pub sub: String,
+}
+
+/// Every unit systemd has loaded that matches `pattern`, in any state
+/// (`systemctl list-units --all PATTERN`): also instances nothing wants any more, and ones
+/// started by hand.
+pub fn list_units(pattern: &str) -> Result<Vec<UnitState>, SystemctlError> {
+    let out = systemctl(&["list-units", "--all", "--plain", "--no-legend", "--full", pattern])?;
+    Ok(parse_list_units(&out))
+}
+
+fn parse_list_units(out: &str) -> Vec<UnitState> {
+    out.lines()
+        .filter_map(|line| {
+            // A failed or missing unit may come with a "●" before its name.
+            let mut words = line.split_whitespace().skip_while(|w| !w.contains('.'));
+            let mut next = || words.next().map(str::to_owned);
+            Some(UnitState { name: next()?, load: next()?, active: next()?, sub: next()? })
+        })
+        .collect()
+}
+
+/// One job in systemd's queue (`systemctl list-jobs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Its number.
+    pub id: u32,
+    /// The unit it is for.
+    pub unit: String,
+    /// `start`, `stop`, `restart`, `try-restart`, `reload`, ...
+    pub kind: String,
+    /// `running` or `waiting`.
+    pub state: String,
+}
+
+/// The jobs queued or running for units matching `pattern`.
+pub fn jobs(pattern: &str) -> Result<Vec<Job>, SystemctlError> {
+    let out = systemctl(&["list-jobs", "--plain", "--no-legend", "--full", pattern])?;
+    Ok(parse_jobs(&out))
+}
+
+fn parse_jobs(out: &str) -> Vec<Job> {
+    out.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let id = words.next()?.parse().ok()?;
+            let mut next = || words.next().map(str::to_owned);
+            Some(Job { id, unit: next()?, kind: next()?, state: next()? })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_units_lines() {
+        let out = "app@1.service loaded active running app worker 1\n\
+                   ● app@3.service loaded failed failed app worker 3\n\
+                   app@4.service loaded inactive dead app worker 4\n";
+        let units = parse_list_units(out);
+        assert_eq!(units.len(), 3);
+        assert_eq!(
+            units[1],
+            UnitState {
+                name: "app@3.service".into(),
+                load: "loaded".into(),
+                active: "failed".into(),
+                sub: "failed".into()
+            }
+        );
+        assert_eq!((units[2].name.as_str(), units[2].active.as_str()), ("app@4.service", "inactive"));
+        assert!(parse_list_units("").is_empty());
+    }
+
+    #[test]
+    fn list_jobs_lines() {
+        let out = "1234 app@1.service restart running\n1235 app.target    start   waiting\nNo jobs running.\n";
+        let jobs = parse_jobs(out);
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(
+            jobs[0],
+            Job { id: 1234, unit: "app@1.service".into(), kind: "restart".into(), state: "running".into() }
+        );
+        assert_eq!(jobs[1].kind, "start");
+    }
+}

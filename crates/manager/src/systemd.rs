@@ -1,6 +1,7 @@
 //! Operating an installed app through systemd: the verbs of `sdcluster` when systemd is the
 //! supervisor.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use crate::generator;
 use crate::install::{self, Change, InstallError};
 use crate::spec::{CONFIG_DIR, Instances, Spec};
 use crate::status::{ClusterStatus, InstanceStatus, process_usage};
-use crate::systemctl::{SystemctlError, booted, listening, show, systemctl};
+use crate::systemctl::{SystemctlError, UnitState, booted, jobs, list_units, listening, show, systemctl};
 use crate::units::{UnitFile, listen_stream, unit_names};
 
 /// Something between sdcluster and systemd went wrong.
@@ -39,6 +40,22 @@ pub enum OpsError {
     /// The app's TOML could not be updated.
     #[error("cannot record the new instance count in {0}: {1}")]
     Persist(String, String),
+    /// A rolling restart stopped at an instance that did not come back ready.
+    #[error(
+        "{unit} did not come back ready after its restart (now {state}{why}); the rolling restart stopped there{left}: see `sdcluster status {app}` and `sdcluster logs {app}`"
+    )]
+    NotReady {
+        /// The app.
+        app: String,
+        /// The instance that failed.
+        unit: String,
+        /// Its `ActiveState/SubState` afterwards.
+        state: String,
+        /// What `systemctl restart` said, if it failed (with a leading ": ").
+        why: String,
+        /// The instances left as they were, on the old version (with a leading phrase).
+        left: String,
+    },
 }
 
 fn unit(app: &str, instance: u32) -> String {
@@ -97,7 +114,9 @@ pub fn uninstall(app: &str, root: &Path, force: bool) -> Result<(), OpsError> {
     let live = root == Path::new("/");
     let names = unit_names(app);
     if live && booted() {
-        let instances = enabled_instances(app).unwrap_or_default();
+        // Every instance systemd has, also those started by hand.
+        let known = known_instances(app).unwrap_or_default();
+        let instances = known.wanted.iter().chain(known.loaded.keys()).copied().collect::<BTreeSet<u32>>();
         let mut all: Vec<String> = instances.iter().map(|k| unit(app, *k)).collect();
         all.extend(names.iter().filter(|n| !n.contains("@.")).cloned());
         let mut args = vec!["disable", "--now"];
@@ -168,11 +187,70 @@ pub fn enabled_instances(app: &str) -> Result<Vec<u32>, OpsError> {
     Ok(instances)
 }
 
+/// What systemd knows of an app's instances: the ones `APP.target` wants, and every one it
+/// has loaded (also those started by hand, or wanted no more), by number.
+#[derive(Debug, Default, Clone)]
+pub struct Known {
+    /// The instances `APP.target` wants.
+    pub wanted: BTreeSet<u32>,
+    /// Every loaded instance and its state.
+    pub loaded: BTreeMap<u32, UnitState>,
+}
+
+impl Known {
+    fn state(&self, k: u32) -> &str {
+        self.loaded.get(&k).map_or("inactive", |u| u.active.as_str())
+    }
+
+    /// Instances with a process, or about to have one (crash loops included).
+    pub fn running(&self) -> BTreeSet<u32> {
+        self.loaded
+            .keys()
+            .copied()
+            .filter(|&k| matches!(self.state(k), "active" | "activating" | "reloading"))
+            .collect()
+    }
+
+    /// What `status` shows: the wanted ones whatever their state, and every other one that is
+    /// not simply inactive (running, stopping, failed).
+    pub fn shown(&self) -> BTreeSet<u32> {
+        let mut all = self.wanted.clone();
+        all.extend(self.loaded.keys().copied().filter(|&k| self.state(k) != "inactive"));
+        all
+    }
+
+    /// What a rolling restart restarts: the wanted ones and every one that runs.
+    pub fn restarted(&self) -> BTreeSet<u32> {
+        let mut all = self.wanted.clone();
+        all.extend(self.running());
+        all
+    }
+}
+
+/// The instances of `app` that systemd wants or has loaded
+/// (`systemctl list-units --all 'APP@*.service'`), not only the count in its spec.
+pub fn known_instances(app: &str) -> Result<Known, OpsError> {
+    let wanted = enabled_instances(app)?.into_iter().collect();
+    let prefix = format!("{app}@");
+    let loaded = list_units(&format!("{app}@*.service"))?
+        .into_iter()
+        .filter_map(|u| Some((u.name.strip_prefix(&prefix)?.strip_suffix(".service")?.parse().ok()?, u)))
+        .collect();
+    Ok(Known { wanted, loaded })
+}
+
 /// Starts the socket and every enabled worker.
 pub fn start(app: &str) -> Result<(), OpsError> {
     require_booted()?;
     enabled_instances(app)?;
-    systemctl(&["start", &format!("{app}.socket"), &format!("{app}.target")])?;
+    let socket = format!("{app}.socket");
+    // balance = reuseport has no APP.socket: each instance brings its APP@k.socket.
+    let shared = show(&socket, &["LoadState"])?.get("LoadState").is_some_and(|s| s == "loaded");
+    let target = format!("{app}.target");
+    let units: Vec<&str> = if shared { vec![&socket, &target] } else { vec![&target] };
+    let mut args = vec!["start"];
+    args.extend(units);
+    systemctl(&args)?;
     Ok(())
 }
 
@@ -184,44 +262,45 @@ pub fn stop(app: &str) -> Result<(), OpsError> {
 }
 
 /// Runs `n` instances from now on, and after reboots: records `n` in the app's TOML, starts
-/// the missing instances (if the app runs) and stops the extra ones, and makes that last:
-/// through the generator where it counts this app's workers, else by enabling and disabling
-/// instances.
+/// the missing instances (if the app runs) and stops every instance above `n` that systemd
+/// has (wanted, or started by hand), and makes that last: through the generator where it
+/// counts this app's workers, else by enabling and disabling instances. Returns how many
+/// instances there were (wanted or running) and how many there are now.
 pub fn scale(app: &str, n: Instances) -> Result<(u32, u32), OpsError> {
     require_booted()?;
-    let current = enabled_instances(app)?;
+    let known = known_instances(app)?;
+    let running = known.running();
+    let current: BTreeSet<u32> = known.wanted.union(&running).copied().collect();
     let count = n.resolve();
-    let add: Vec<String> = (1..=count).filter(|k| !current.contains(k)).map(|k| unit(app, k)).collect();
-    let remove: Vec<String> = current.iter().filter(|&&k| k > count).map(|&k| unit(app, k)).collect();
-    let running = systemctl(&["is-active", "--quiet", &format!("{app}.target")]).is_ok();
+    let names = |ks: &mut dyn Iterator<Item = u32>| ks.map(|k| unit(app, k)).collect::<Vec<_>>();
+    // New instances are started (start jobs); those above `count` are stopped (stop jobs, so
+    // they close their connections instead of handing them over); the others are left alone.
+    let start: Vec<String> = names(&mut (1..=count).filter(|k| !running.contains(k)));
+    let enable: Vec<String> = names(&mut (1..=count).filter(|k| !known.wanted.contains(k)));
+    let stop: Vec<String> = names(&mut current.iter().copied().filter(|&k| k > count));
+    let disable: Vec<String> = names(&mut known.wanted.iter().copied().filter(|&k| k > count));
+    let app_runs = !running.is_empty() || systemctl(&["is-active", "--quiet", &format!("{app}.target")]).is_ok();
     persist_instances(app, n)?;
     let by_generator = generator::manages(app);
-    if by_generator {
-        systemctl(&["daemon-reload"])?; // the generator now wants `count` instances
-    }
-    let with = |verb: &'static str, now: bool, units: &[String]| -> Result<(), OpsError> {
+    let with = |verb: &'static str, units: &[String]| -> Result<(), OpsError> {
         if units.is_empty() {
             return Ok(());
         }
         let mut args = vec![verb];
-        if now {
-            args.push("--now");
-        }
         args.extend(units.iter().map(String::as_str));
         systemctl(&args)?;
         Ok(())
     };
-    match (by_generator, running) {
-        (true, true) => {
-            with("start", false, &add)?;
-            with("stop", false, &remove)?;
-        }
-        (true, false) => with("stop", false, &remove)?,
-        (false, _) => {
-            with("enable", running, &add)?;
-            with("disable", true, &remove)?;
-        }
+    if by_generator {
+        systemctl(&["daemon-reload"])?; // the generator now wants `count` instances
+    } else {
+        with("enable", &enable)?;
+        with("disable", &disable)?;
     }
+    if app_runs {
+        with("start", &start)?;
+    }
+    with("stop", &stop)?;
     Ok((current.len() as u32, count))
 }
 
@@ -238,26 +317,53 @@ fn persist_instances(app: &str, n: Instances) -> Result<(), OpsError> {
     install::write_atomically(&path, doc.to_string().as_bytes()).map_err(|e| fail(e.to_string()))
 }
 
-/// Restarts the instances one at a time; `systemctl restart` of a `Type=notify` unit returns
-/// once the new process sent `READY=1`, so the next one only goes when this one serves.
+/// Restarts the instances one at a time, every one systemd wants or runs; `systemctl restart`
+/// of a `Type=notify` unit returns once the new process sent `READY=1`, so the next one only
+/// goes when this one serves. Restart jobs, not a stop and a start: the instance keeps its
+/// fd store, through which its worker hands its kept-alive connections to the next process.
+/// Stops at the first instance that is not active and running afterwards, and leaves the rest
+/// as they were ([`OpsError::NotReady`]).
 pub fn rolling_restart(app: &str, mut progress: impl FnMut(&str)) -> Result<usize, OpsError> {
     require_booted()?;
-    let instances = enabled_instances(app)?;
-    for &k in &instances {
+    let instances: Vec<u32> = known_instances(app)?.restarted().into_iter().collect();
+    for (done, &k) in instances.iter().enumerate() {
         let name = unit(app, k);
         progress(&name);
-        systemctl(&["restart", &name])?;
+        let restarted = systemctl(&["restart", &name]);
+        let p = show(&name, &["ActiveState", "SubState"])?;
+        let get = |key: &str| p.get(key).map(String::as_str).unwrap_or("");
+        if restarted.is_err() || (get("ActiveState"), get("SubState")) != ("active", "running") {
+            let rest: Vec<String> = instances[done + 1..].iter().map(|&k| unit(app, k)).collect();
+            return Err(OpsError::NotReady {
+                app: app.into(),
+                unit: name,
+                state: format!("{}/{}", get("ActiveState"), get("SubState")),
+                why: match restarted {
+                    Err(SystemctlError::Failed { stderr, .. }) => format!(": {}", stderr.lines().next().unwrap_or("")),
+                    Err(e) => format!(": {e}"),
+                    Ok(_) => String::new(),
+                },
+                left: match rest.len() {
+                    0 => String::new(),
+                    1 => format!(" and left {} on its old process", rest[0]),
+                    _ => format!(" and left {} on their old processes", rest.join(", ")),
+                },
+            });
+        }
     }
     Ok(instances.len())
 }
 
-/// The status view from `systemctl show` of every enabled instance.
+/// The status view from `systemctl show` of every instance systemd wants or has running.
 pub fn status(app: &str) -> Result<ClusterStatus, OpsError> {
-    let instances = enabled_instances(app)?;
-    let listen = show(&format!("{app}.socket"), &["Listen"])?
-        .get("Listen")
-        .map(|l| l.split(' ').filter(|w| !w.starts_with('(') && !w.is_empty()).map(str::to_owned).collect::<Vec<_>>())
-        .unwrap_or_default();
+    let instances = known_instances(app)?.shown();
+    let mut listen = listening(&format!("{app}.socket"))?;
+    if listen.is_empty() {
+        // balance = reuseport: a socket per instance, all on the same addresses.
+        if let Some(k) = instances.first() {
+            listen = listening(&format!("{app}@{k}.socket"))?;
+        }
+    }
     let now_us = clock_gettime(ClockId::CLOCK_MONOTONIC)
         .map_or(0, |t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000);
     let mut out = Vec::new();
@@ -311,4 +417,108 @@ pub fn logs(app: &str, follow: bool, lines: Option<u32>) -> std::io::Error {
         cmd.arg(format!("--lines={n}"));
     }
     cmd.exec()
+}
+
+/// Job types after which the instance starts again at once, keeping its fd store: a
+/// `systemctl restart`, or one propagated from the socket or the target (`PartOf=`).
+const RESTART_JOBS: [&str; 2] = ["restart", "try-restart"];
+
+/// What the stop hook found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hook {
+    /// A restart job: the flag exists, the worker hands its connections over.
+    Restarting(u32),
+    /// A stop (or no job: the worker exited by itself): no flag, the worker closes its
+    /// connections gracefully.
+    Stopping,
+    /// `--stopped`: the worker is gone, the flag too.
+    Stopped,
+}
+
+/// The workers' `ExecStop=+` and `ExecStopPost=+` (`sdcluster stop-hook [--stopped] UNIT
+/// FLAG`), run by systemd as root before it sends SIGTERM to the worker, and after the worker
+/// exited: creates the hand-over flag when the job that stops `unit` is a restart, removes it
+/// otherwise. The flag is readable by the workers (mode 0644 in directories of mode 0755),
+/// whatever umask the unit gives its commands.
+pub fn stop_hook(unit: &str, flag: &Path, stopped: bool) -> Result<Hook, OpsError> {
+    let remove = |hook: Hook| match std::fs::remove_file(flag) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(InstallError::Io(flag.into(), e).into()),
+        _ => Ok(hook),
+    };
+    if stopped {
+        return remove(Hook::Stopped);
+    }
+    let jobs = jobs(unit).inspect_err(|_| {
+        let _ = std::fs::remove_file(flag); // unsure: no hand-over
+    })?;
+    let job = jobs.into_iter().find(|j| j.unit == unit && RESTART_JOBS.contains(&j.kind.as_str()));
+    let Some(job) = job else { return remove(Hook::Stopping) };
+    create_flag(flag, job.id).map_err(|e| InstallError::Io(flag.into(), e))?;
+    Ok(Hook::Restarting(job.id))
+}
+
+fn create_flag(flag: &Path, job: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let readable = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+    if let Some(dir) = flag.parent() {
+        let mut missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        missing.reverse();
+        for d in missing {
+            match std::fs::create_dir(d) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => readable(d, 0o755)?,
+            }
+        }
+    }
+    // Complete, and readable, before it appears under its name.
+    let name = flag.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = flag.with_file_name(format!(".{name}.sdcluster-{}", std::process::id()));
+    std::fs::write(&tmp, format!("restart job {job}\n"))?;
+    readable(&tmp, 0o644)?;
+    std::fs::rename(&tmp, flag).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(wanted: &[u32], loaded: &[(u32, &str)]) -> Known {
+        let loaded = loaded
+            .iter()
+            .map(|&(k, active)| {
+                let state = UnitState {
+                    name: unit("app", k),
+                    load: "loaded".into(),
+                    active: active.into(),
+                    sub: String::new(),
+                };
+                (k, state)
+            })
+            .collect();
+        Known { wanted: wanted.iter().copied().collect(), loaded }
+    }
+
+    #[test]
+    fn instances_started_by_hand_count_and_leftovers_do_not() {
+        // The target wants 1 and 2; 3 and 4 were started by hand, 5 crash-loops, 6 failed,
+        // 7 was stopped and is merely still loaded, 2 was stopped by hand.
+        let k = known(
+            &[1, 2],
+            &[
+                (1, "active"),
+                (2, "inactive"),
+                (3, "active"),
+                (4, "reloading"),
+                (5, "activating"),
+                (6, "failed"),
+                (7, "inactive"),
+            ],
+        );
+        let list = |s: BTreeSet<u32>| s.into_iter().collect::<Vec<_>>();
+        assert_eq!(list(k.running()), [1, 3, 4, 5]);
+        assert_eq!(list(k.shown()), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(list(k.restarted()), [1, 2, 3, 4, 5]);
+    }
 }

@@ -83,9 +83,27 @@ fn quote_arg(arg: &str) -> String {
     format!("\"{escaped}\"")
 }
 
+/// Where the stop hook of app `name`'s instance `instance` (`%i` in a unit) says that the
+/// instance is restarting: the workers read the path from `SDCLUSTER_HANDOVER_FLAG`. A
+/// directory of the app's own under `/run/sdcluster/APP` (the workers' preserved runtime
+/// directory in shared mode), made by the hook, which runs as root: the workers can read it,
+/// not write it.
+pub fn handover_flag(name: &str, instance: &str) -> String {
+    format!("/run/sdcluster/{name}/handover/{instance}")
+}
+
+/// The stop hook's command line (`ExecStop=+`): `sdcluster stop-hook UNIT FLAG`, with
+/// `--stopped` for `ExecStopPost=+`.
+fn stop_hook(sdcluster: &Path, name: &str, stopped: bool) -> String {
+    let program = quote_arg(&sdcluster.display().to_string());
+    let when = if stopped { " --stopped" } else { "" };
+    format!("{program} stop-hook{when} %n {}", handover_flag(name, "%i"))
+}
+
 /// Renders every unit of `spec` for a systemd of version `systemd`; `source` names the spec
-/// (a path or "flags") in each file's header.
-pub fn render(spec: &Spec, systemd: u32, source: &Path) -> Vec<UnitFile> {
+/// (a path or "flags") in each file's header; `sdcluster` is the program the workers' stop
+/// hook runs (`/usr/bin/sdcluster` for the package, else the `sdcluster` that installs).
+pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec<UnitFile> {
     let name = spec.name.as_str();
     let shared = spec.balance == Balance::Shared;
     let sockets = if shared { format!("{name}.socket") } else { format!("{name}@%i.socket") };
@@ -104,6 +122,13 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path) -> Vec<UnitFile> {
     vars.insert("runtime_directory", if shared { one(runtime_directory) } else { none() });
     vars.insert("command", one(spec.command.iter().map(|a| quote_arg(a)).collect::<Vec<_>>().join(" ")));
     vars.insert("drain_timeout", one(duration::to_systemd(spec.drain_timeout())));
+    let handover = spec.handover_max > 0;
+    let when_handover = |v: String| if handover { one(v) } else { none() };
+    vars.insert("handover_max", one(spec.handover_max.to_string()));
+    vars.insert("fdstore_max", when_handover(spec.handover_max.to_string()));
+    vars.insert("handover_flag", when_handover(handover_flag(name, "%i")));
+    vars.insert("stop_hook", when_handover(stop_hook(sdcluster, name, false)));
+    vars.insert("stop_hook_post", when_handover(stop_hook(sdcluster, name, true)));
     vars.insert("environment", spec.environment.iter().map(|(k, v)| quote_arg(&format!("{k}={v}"))).collect());
     vars.insert("restart_delay", one(duration::to_systemd(spec.restart_delay)));
     vars.insert("restart_steps", if modern { one(RESTART_STEPS.to_string()) } else { none() });
@@ -179,6 +204,44 @@ mod tests {
         vars.insert("b", vec![]);
         vars.insert("c", vec!["x".to_owned()]);
         assert_eq!(expand("K={{a}}\nM={{b}}\nN={{c}}-{{c}}\nplain\n", &vars), "K=1\nK=2\nN=x-x\nplain\n");
+    }
+
+    fn worker_unit(toml: &str) -> (Spec, String) {
+        let file: crate::spec::SpecFile = toml::from_str(toml).unwrap();
+        let spec = file.validate_elsewhere().unwrap();
+        let units = render(&spec, 252, Path::new("t.toml"), Path::new("/opt/sd cluster/sdcluster"));
+        let worker = units.into_iter().find(|u| u.name == format!("{}@.service", spec.name)).unwrap().content;
+        (spec, worker)
+    }
+
+    #[test]
+    fn workers_get_the_environment_sdcluster_run_gives_them() {
+        let (spec, worker) = worker_unit("name = \"web\"\ncommand = \"/usr/bin/w\"\nenvironment = { A = \"1 2\" }");
+        for (key, _) in spec.worker_environment("%i") {
+            let set = |l: &&str| {
+                l.starts_with(&format!("Environment={key}=")) || l.starts_with(&format!("Environment=\"{key}="))
+            };
+            assert!(worker.lines().any(|l| set(&l)), "{key} is not set in:\n{worker}");
+        }
+        assert!(worker.contains("\nEnvironment=SDCLUSTER_FDSTORE_MAX=4096\n"), "{worker}");
+    }
+
+    #[test]
+    fn handover_gets_a_store_a_flag_and_a_stop_hook() {
+        let (_, worker) = worker_unit("name = \"web\"\ncommand = \"/usr/bin/w\"");
+        for line in [
+            "FileDescriptorStoreMax=4096",
+            "Environment=SDCLUSTER_HANDOVER_FLAG=/run/sdcluster/web/handover/%i",
+            "ExecStop=+\"/opt/sd cluster/sdcluster\" stop-hook %n /run/sdcluster/web/handover/%i",
+            "ExecStopPost=+\"/opt/sd cluster/sdcluster\" stop-hook --stopped %n /run/sdcluster/web/handover/%i",
+        ] {
+            assert!(worker.lines().any(|l| l == line), "no {line:?} in:\n{worker}");
+        }
+        let (_, off) = worker_unit("name = \"web\"\ncommand = \"/usr/bin/w\"\nhandover-max = 0");
+        for key in ["FileDescriptorStoreMax=", "Environment=SDCLUSTER_HANDOVER_FLAG=", "ExecStop=", "ExecStopPost="] {
+            assert!(!off.lines().any(|l| l.starts_with(key)), "{key} with hand-over off:\n{off}");
+        }
+        assert!(off.contains("\nEnvironment=SDCLUSTER_FDSTORE_MAX=0\n"), "{off}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn spec(name: &str) -> Spec {
         balance: Balance::Shared,
         user: None,
         outbound_network: false,
+        handover_max: 4096,
     }
 }
 
@@ -41,6 +42,7 @@ fn cases() -> Vec<(&'static str, Spec, u32)> {
     full.user = Some("www-data".into());
     full.outbound_network = true;
     full.watchdog = None;
+    full.handover_max = 64;
     let mut reuseport = spec("edge");
     reuseport.balance = Balance::Reuseport;
     vec![("default-252", spec("app"), 252), ("full-255", full, 255), ("reuseport-252", reuseport, 252)]
@@ -51,7 +53,7 @@ fn golden_dir(case: &str) -> PathBuf {
 }
 
 fn units_of(spec: &Spec, systemd: u32) -> Vec<UnitFile> {
-    render(spec, systemd, Path::new(&format!("/etc/sdcluster/{}.toml", spec.name)))
+    render(spec, systemd, Path::new(&format!("/etc/sdcluster/{}.toml", spec.name)), Path::new("/usr/bin/sdcluster"))
 }
 
 #[test]
@@ -105,15 +107,16 @@ fn installed_systemd() -> u32 {
     sdcluster::systemctl::version().expect("systemd must be installed for these tests (apt-get install systemd)")
 }
 
-/// Writes `units` (with an existing program as the worker, since verify checks it) into a
-/// fresh directory.
+/// Writes `units` (with an existing program as the worker and as the stop hook, since verify
+/// checks them) into a fresh directory.
 fn write_for_analysis(test: &str, case: &str, spec: &Spec, systemd: u32) -> (PathBuf, Vec<UnitFile>) {
     let mut spec = spec.clone();
     spec.command[0] = "/bin/true".into();
     let dir = std::env::temp_dir().join(format!("sdcluster-{test}-{case}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let units = units_of(&spec, systemd);
+    // The stop hook's program too.
+    let units = render(&spec, systemd, Path::new("/etc/sdcluster/t.toml"), Path::new("/bin/true"));
     for unit in &units {
         std::fs::write(dir.join(&unit.name), &unit.content).unwrap();
     }

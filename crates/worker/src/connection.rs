@@ -40,9 +40,10 @@ pub(crate) struct ConnState {
     started: AtomicU32,
     /// Responses sent to their end.
     finished: AtomicU32,
-    /// When the last response ended (or the connection began): [`now_ns`].
+    /// When the last response ended (or the connection began), in [`now_ns`]; [`UNSTAMPED`]
+    /// until [`Drive`] next looks (reading the clock once per request, not at every event).
     boundary_at: AtomicU64,
-    /// When the first byte after that boundary arrived; 0 while none did.
+    /// When the first byte after that boundary arrived: 0 while none did, else as above.
     first_byte_at: AtomicU64,
     /// Responses must say `Connection: close` (a drain with no replacement).
     close_next: AtomicBool,
@@ -72,7 +73,7 @@ impl ConnState {
 
     pub(crate) fn response_finished(&self) {
         self.first_byte_at.store(0, Relaxed);
-        self.boundary_at.store(now_ns(), Relaxed);
+        self.boundary_at.store(UNSTAMPED, Relaxed);
         self.finished.fetch_add(1, Relaxed);
     }
 
@@ -87,7 +88,7 @@ impl ConnState {
 
     fn bytes_arrived(&self) {
         if self.first_byte_at.load(Relaxed) == 0 {
-            self.first_byte_at.store(now_ns(), Relaxed);
+            self.first_byte_at.store(UNSTAMPED, Relaxed);
         }
     }
 
@@ -98,6 +99,20 @@ impl ConnState {
     /// Nothing was ever read from this connection or answered on it.
     fn untouched(&self) -> bool {
         self.started.load(Relaxed) == 0 && self.first_byte_at.load(Relaxed) == 0
+    }
+
+    fn unstamped(&self) -> bool {
+        self.boundary_at.load(Relaxed) == UNSTAMPED || self.first_byte_at.load(Relaxed) == UNSTAMPED
+    }
+
+    /// Puts the time on what happened since [`Drive`] last looked: it looks in the same
+    /// poll in which hyper read the byte or finished the response, so the time is right.
+    fn stamp(&self, now: u64) {
+        for at in [&self.boundary_at, &self.first_byte_at] {
+            if at.load(Relaxed) == UNSTAMPED {
+                at.store(now, Relaxed);
+            }
+        }
     }
 
     /// When an idle connection times out: its head's deadline once a byte of it arrived,
@@ -119,9 +134,17 @@ fn base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
-/// Nanoseconds since the first call, never 0 (0 means "not yet" in [`ConnState`]).
+/// A time in [`ConnState`] that happened but was not read off the clock yet.
+const UNSTAMPED: u64 = 1;
+
+/// Nanoseconds since the first call, above [`UNSTAMPED`] (0 means "not yet").
 fn now_ns() -> u64 {
-    base().elapsed().as_nanos() as u64 + 1
+    base().elapsed().as_nanos() as u64 + 2
+}
+
+/// [`now_ns`] for an instant already read.
+fn ns_of(at: Instant) -> u64 {
+    at.saturating_duration_since(base()).as_nanos() as u64 + 2
 }
 
 fn instant(ns: u64) -> Instant {
@@ -329,6 +352,18 @@ struct Drive<'a, S: App> {
     limits: Limits,
     /// Requests started when the shutdown at a boundary was asked for (`None`: not asked).
     asked: &'a mut Option<u32>,
+    /// The idle deadline and the timer's state, kept across polls (and across `Drive`s).
+    clock: &'a mut IdleClock,
+}
+
+/// When an idle connection times out and when to look at it next; recomputed only when the
+/// connection's state moved, so that an idle poll costs no clock read and no timer call.
+#[derive(Default)]
+struct IdleClock {
+    /// (timeout, wake-up): the wake-up comes earlier during a grace.
+    deadline: Option<(Instant, Instant)>,
+    /// The timer was polled since it was last reset, so it will wake the task.
+    armed: bool,
 }
 
 impl<S: App> Future for Drive<'_, S> {
@@ -343,11 +378,20 @@ impl<S: App> Future for Drive<'_, S> {
             if !this.state.at_boundary() {
                 return Poll::Pending; // a request runs; the app decides how long
             }
-            let now = Instant::now();
+            // The clock is read once per request (to stamp its end), and during a grace.
+            let close = matches!(this.mode, Mode::Close { .. });
+            let now = if this.state.unstamped() || close || this.clock.deadline.is_none() {
+                let now = Instant::now();
+                this.state.stamp(ns_of(now));
+                this.clock.deadline = None;
+                Some(now)
+            } else {
+                None
+            };
             let stop = match this.mode {
                 Mode::Serving => false,
                 Mode::HandOver => true,
-                Mode::Close { grace_until } => now >= grace_until,
+                Mode::Close { grace_until } => now.is_some_and(|now| now >= grace_until),
             };
             if stop {
                 if this.state.untouched() {
@@ -360,23 +404,32 @@ impl<S: App> Future for Drive<'_, S> {
                     continue;
                 }
             }
-            let timeout = this.state.idle_deadline(&this.limits);
-            let wake = match this.mode {
-                Mode::Close { grace_until } if this.asked.is_none() => timeout.min(grace_until),
-                _ => timeout,
-            };
+            let (timeout, wake) = *this.clock.deadline.get_or_insert_with(|| {
+                let timeout = this.state.idle_deadline(&this.limits);
+                match this.mode {
+                    Mode::Close { grace_until } if this.asked.is_none() => (timeout, timeout.min(grace_until)),
+                    _ => (timeout, timeout),
+                }
+            });
             if this.timer.deadline() > wake {
                 this.timer.as_mut().reset(wake);
+                this.clock.armed = false;
             }
-            match this.timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if now >= timeout => {
-                    let head = this.state.first_byte_at.load(Relaxed) != 0 || this.state.started.load(Relaxed) == 0;
-                    return Poll::Ready(Outcome::TimedOut { head });
-                }
-                // Woken early (a deadline that moved on, or the grace): look again.
-                Poll::Ready(()) => this.timer.as_mut().reset(wake.max(now + Duration::from_millis(1))),
+            if this.clock.armed && !this.timer.is_elapsed() {
+                return Poll::Pending;
             }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                this.clock.armed = true;
+                return Poll::Pending;
+            }
+            let now = now.unwrap_or_else(Instant::now);
+            if now >= timeout {
+                let head = this.state.first_byte_at.load(Relaxed) != 0 || this.state.started.load(Relaxed) == 0;
+                return Poll::Ready(Outcome::TimedOut { head });
+            }
+            // Woken early (a deadline that moved on, or the grace): look again.
+            this.timer.as_mut().reset(wake.max(now + Duration::from_millis(1)));
+            this.clock.armed = false;
         }
     }
 }
@@ -391,6 +444,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
     let mut mode = Mode::Serving;
     let timer = tokio::time::sleep(shared.limits.header_timeout);
     tokio::pin!(timer);
+    let mut clock = IdleClock::default();
     let (mut io, mut prefix) = (stream, prefix);
     loop {
         let service = shared.service.for_connection(Arc::clone(&state));
@@ -398,6 +452,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
         let mut conn = shared.http.serve_connection(TokioIo::new(tracked), service);
         let mut asked = None;
         let outcome = loop {
+            clock.deadline = None; // a new mode, or a new run of hyper
             let drive = Drive {
                 conn: &mut conn,
                 state: &state,
@@ -405,6 +460,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
                 mode,
                 limits: shared.limits,
                 asked: &mut asked,
+                clock: &mut clock,
             };
             tokio::select! {
                 biased;
