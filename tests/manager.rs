@@ -464,3 +464,46 @@ fn the_stop_hook_flags_restarts_and_not_stops() {
     let journal = app.sdbox.exec_ok(&["journalctl", "--no-pager", "-o", "cat", "-u", "hook@*.service"]);
     assert!(!journal.contains("unreadable"), "{journal}");
 }
+
+/// Keep-alive clients that never retry, every third request a POST whose body follows its
+/// headers; returns once they are flowing.
+fn keep_alive_clients(app: &App, clients: usize) -> Load {
+    let load = Load::builder(app.addr).clients(clients).reuse(Reuse::KeepAlive).start();
+    load.wait_for_more(200);
+    load
+}
+
+#[test]
+fn rolling_restarts_fail_nothing_and_hand_every_connection_over() {
+    let Some(app) = App::install("handover", 4, &[]) else { return };
+    let load = keep_alive_clients(&app, 16);
+    for round in 1..=3 {
+        let before: Vec<u32> = (1..=4).map(|k| app.main_pid(k)).collect();
+        app.sdcluster_ok(&["restart", "--rolling", "handover"]);
+        let after: Vec<u32> = (1..=4).map(|k| app.main_pid(k)).collect();
+        assert!(before.iter().zip(&after).all(|(b, a)| b != a), "round {round}: {before:?} -> {after:?}");
+        load.wait_for_more(200);
+    }
+    let report = load.stop();
+    eprintln!("3 rolling restarts under systemd: {}", report.summary());
+    assert!(report.posts > 0);
+    assert_eq!((report.failed, report.refused), (0, 0), "{}", report.summary());
+    // The clients' connections were handed over, not replaced: one local port each.
+    assert!(report.every_connection_survived(), "{report:?}");
+    let journal = app.sdbox.exec_ok(&["journalctl", "-u", "handover@*", "--no-pager", "-o", "cat"]);
+    assert!(journal.contains("kept-alive connections over"), "{journal}");
+}
+
+#[test]
+fn scaling_down_under_load_fails_nothing() {
+    let Some(app) = App::install("shrink", 4, &[]) else { return };
+    let load = keep_alive_clients(&app, 16);
+    assert!(app.sdcluster_ok(&["scale", "shrink", "2"]).contains("4 -> 2"));
+    for k in 3..=4 {
+        app.wait(&format!("{} stopped", app.unit(k)), || app.sdbox.property(&app.unit(k), "ActiveState") == "inactive");
+    }
+    load.wait_for_more(300);
+    let report = load.stop();
+    eprintln!("scale 4 -> 2 under systemd: {}", report.summary());
+    assert_eq!((report.failed, report.refused), (0, 0), "{}", report.summary());
+}

@@ -208,18 +208,22 @@ fn install_reboot_upgrade_remove_purge() {
     let before = main_pids(&sdbox, cpus);
     let socket_since = sdbox.property("app.socket", "ActiveEnterTimestampMonotonic");
     let fresh = Load::start(addr, "/", 3, Reuse::Fresh);
-    let kept = Load::start(addr, "/", 3, Reuse::KeepAlive);
+    // Keep-alive clients that never retry, every third request a POST.
+    let kept = Load::builder(addr).clients(8).reuse(Reuse::KeepAlive).start();
     fresh.wait_for_more(200);
+    kept.wait_for_more(200);
     phase(&format!("upgrading {version} -> {new_version} under load"));
     let out = apt(&sdbox, &["install", GUEST_UPGRADE]);
     assert!(out.contains(&format!("restarted {cpus} instances")), "{out}");
     fresh.wait_for_more(200);
     kept.wait_for_more(200);
     let (fresh, kept) = (fresh.stop(), kept.stop());
-    eprintln!("upgrade under load: fresh {fresh:?}, keep-alive {kept:?}");
+    eprintln!("upgrade under load: fresh {}; keep-alive {}", fresh.summary(), kept.summary());
     for report in [&fresh, &kept] {
         assert_eq!((report.refused, report.failed), (0, 0), "{report:?}");
     }
+    // The upgrade handed the kept-alive connections to the new binary: one local port each.
+    assert!(kept.every_connection_survived(), "{kept:?}");
     assert_eq!(sdbox.exec_ok(&["dpkg-query", "-W", "-f", "${Version}", "sdcluster"]), new_version);
     let after = main_pids(&sdbox, cpus);
     assert!(before.iter().zip(&after).all(|(b, a)| b != a), "every worker replaced: {before:?} -> {after:?}");

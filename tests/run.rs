@@ -543,3 +543,216 @@ fn scale_down_drains_and_scale_up_adds() {
     });
     assert!(reached.is_some(), "instance {new} never answered");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The file descriptor store, hand-over intent and rolling-restart failures
+// (tests/fixtures/fdstore-worker.py)
+
+/// The fd-store fixture, run through `/usr/bin/env python3`; `None` without python3.
+fn fdstore_worker() -> Option<Vec<String>> {
+    let mut command = python_worker()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/fdstore-worker.py");
+    *command.last_mut().expect("a script") = script.display().to_string();
+    Some(command)
+}
+
+/// Sends one command line to whichever worker accepts it; returns the connection, its
+/// reading end, and the first answer line.
+fn fixture_command(addr: SocketAddr, line: &str) -> (std::io::BufReader<TcpStream>, String) {
+    use std::io::{BufRead, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect to the fixture");
+    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    stream.write_all(format!("{line}\n").as_bytes()).expect("send a command");
+    let mut reader = std::io::BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap_or_else(|e| panic!("no answer to {line:?}: {e}"));
+    (reader, answer.trim_end().to_owned())
+}
+
+/// `fixture_command`, expecting "ok".
+fn fixture_ok(addr: SocketAddr, line: &str) {
+    assert_eq!(fixture_command(addr, line).1, "ok", "{line}");
+}
+
+/// What the worker that answered got from the store: its pid and `NAME=WHAT,...`.
+fn fixture_report(addr: SocketAddr) -> (u32, String) {
+    let (_, answer) = fixture_command(addr, "report");
+    let field = |key: &str| {
+        answer
+            .split(' ')
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {answer:?}"))
+            .to_owned()
+    };
+    (field("pid=").parse().expect("a pid"), field("fds="))
+}
+
+/// The next line on a held connection (empty at its end).
+fn next_line(reader: &mut std::io::BufReader<TcpStream>) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap_or_else(|e| panic!("reading a held connection: {e}"));
+    line.trim_end().to_owned()
+}
+
+/// A held connection (stored by its worker on SIGTERM) in instance `pid`, trying new
+/// connections until that worker takes one.
+fn hold_in(addr: SocketAddr, pid: u32, name: &str) -> std::io::BufReader<TcpStream> {
+    let mut others = Vec::new();
+    for _ in 0..200 {
+        let (reader, answer) = fixture_command(addr, &format!("hold {name}"));
+        if answer == format!("held by {pid}") {
+            return reader;
+        }
+        others.push(reader);
+    }
+    panic!("worker {pid} never took a connection");
+}
+
+/// After `sdcluster restart --rolling`, the next process of the instance gets what the old
+/// one stored, after its listeners and under its names: a connected TCP socket (on which it
+/// writes, so the client sees the same connection carry on) and memfds; a stored pipe that
+/// hung up is dropped, one stored with FDPOLL=0 is not. The worker knew it was a restart
+/// (the hand-over flag). FDSTOREREMOVE=1 drops a name; a crash restart keeps the rest.
+#[test]
+fn stored_fds_reach_the_next_process_of_the_instance() {
+    let Some(command) = fdstore_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let cluster = Cluster::start("fdstore", &["--instances", "1"], &command);
+    cluster.wait_running(1);
+    let addr = cluster.addr();
+    let (first, fds) = fixture_report(addr);
+    assert_eq!(fds, "", "a first start has an empty store");
+    let (mut held, answer) = fixture_command(addr, "hold x");
+    assert_eq!(answer, format!("held by {first}"));
+    fixture_ok(addr, "store blob 2");
+    fixture_ok(addr, "pipe hup");
+    fixture_ok(addr, "pipe kept nopoll");
+
+    let answer = cluster.ctl_ok(&["restart", "--rolling", cluster.name()]);
+    assert_eq!(answer.trim(), "restarted 1 instances one at a time");
+    assert_eq!(next_line(&mut held), "stopping flag=yes", "a rolling restart sets the hand-over flag");
+    let (second, fds) = fixture_report(addr);
+    assert_ne!(second, first);
+    assert_eq!(next_line(&mut held), format!("resumed by {second}"), "the same connection, served by the new process");
+    assert_eq!(fds, "blob=blob-0,blob=blob-1,x=sock,kept=pipe", "in the order stored, without the hung-up pipe");
+    let log = cluster.stderr();
+    assert!(log.contains("stored fd \"hup\" hung up"), "{log}");
+    assert!(!log.contains("stored fd \"kept\" hung up"), "FDPOLL=0: {log}");
+
+    fixture_ok(addr, "remove blob");
+    signal_pid(second, libc::SIGKILL);
+    cluster.wait_until("instance 1 restarted after kill -9", |s| {
+        let one = &s.instances[0];
+        (one.state == "running" && one.pid.is_some_and(|p| p != second)).then_some(())
+    });
+    let (third, fds) = fixture_report(addr);
+    assert_eq!(fds, "x=sock,kept=pipe", "FDSTOREREMOVE=1 dropped blob; a crash restart kept the rest");
+    assert_eq!(next_line(&mut held), format!("resumed by {third}"));
+}
+
+/// `--handover-max 3`: a fourth and fifth stored fd are closed with a warning; the next
+/// process gets three.
+#[test]
+fn the_fd_store_is_capped() {
+    let Some(command) = fdstore_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let cluster = Cluster::start("fdcap", &["--instances", "1", "--handover-max", "3"], &command);
+    cluster.wait_running(1);
+    fixture_ok(cluster.addr(), "store blob 5");
+    cluster.wait_for_stderr("the cap's warning", |log| {
+        log.contains("the fd store is full (handover-max 3)").then_some(())
+    });
+    cluster.ctl_ok(&["restart", "--rolling", cluster.name()]);
+    let (_, fds) = fixture_report(cluster.addr());
+    assert_eq!(fds, "blob=blob-0,blob=blob-1,blob=blob-2");
+}
+
+/// Scale-down and shutdown stop instances for good: no hand-over flag, and whatever the
+/// worker stores anyway is closed (its client sees the end of the connection); the hand-over
+/// folder is removed on exit.
+#[test]
+fn the_store_is_dropped_when_its_instance_stays_stopped() {
+    let Some(command) = fdstore_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start("fddrop", &["--instances", "2"], &command);
+    let status = cluster.wait_running(2);
+    let pids = pids_by_instance(&status);
+    let addr = cluster.addr();
+    let mut in_two = hold_in(addr, pids["2"], "x");
+    let mut in_one = hold_in(addr, pids["1"], "x");
+
+    assert_eq!(cluster.ctl_ok(&["scale", cluster.name(), "1"]).trim(), "1 instances");
+    assert_eq!(next_line(&mut in_two), "stopping flag=no", "scale-down is no restart");
+    assert_eq!(next_line(&mut in_two), "", "the stored connection is closed");
+    cluster.wait_running(1);
+    let log = cluster.stderr();
+    assert!(log.contains("instance 2 stays stopped: closed the 1 fds of its store"), "{log}");
+
+    let handover = cluster.runtime_dir().join("fddrop.handover");
+    assert!(handover.is_dir(), "the hand-over folder exists while the cluster runs");
+    cluster.signal(libc::SIGTERM);
+    assert_eq!(next_line(&mut in_one), "stopping flag=no", "shutdown is no restart");
+    assert_eq!(next_line(&mut in_one), "", "the stored connection is closed");
+    assert_eq!(cluster.wait_exit(PATIENCE).code(), Some(0), "{}", cluster.stderr());
+    assert!(!handover.exists(), "the hand-over folder is removed on exit");
+}
+
+/// A rolling restart onto a release that exits at once stops at the first instance:
+/// `sdcluster restart --rolling` fails naming it, the other instances keep their processes
+/// and serve; once the release is fixed the instance comes back and a roll succeeds.
+#[test]
+fn a_rolling_restart_stops_at_an_instance_that_does_not_come_back() {
+    let Some(command) = fdstore_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let marker_dir = TestDir::new("broken-release");
+    let broken = marker_dir.join("broken");
+    let env = format!("FDSTORE_WORKER_BROKEN={}", broken.display());
+    let cluster = Cluster::start("badroll", &["--instances", "3", "--env", &env, "--restart-delay", "200ms"], &command);
+    let before = pids_by_instance(&cluster.wait_running(3));
+
+    std::fs::write(&broken, "").expect("break the release");
+    let output = cluster.ctl(&["restart", "--rolling", cluster.name()]);
+    let stderr = stderr_of(&output);
+    assert!(!output.status.success(), "the failed roll succeeded: {stderr}");
+    assert!(
+        stderr.contains(
+            "instance 1 did not come back ready: exited with status 1; 2 instances still run the old version"
+        ),
+        "{stderr}"
+    );
+    let status = cluster.status();
+    let after = pids_by_instance(&status);
+    assert_eq!((after.get("2"), after.get("3")), (before.get("2"), before.get("3")), "{status:?}");
+    for _ in 0..10 {
+        let (pid, _) = fixture_report(cluster.addr());
+        assert!(pid == before["2"] || pid == before["3"], "answered by {pid}, not an old process");
+    }
+    assert!(cluster.stderr().contains("rolling restart stopped: instance 1 did not come back ready"));
+
+    std::fs::remove_file(&broken).expect("fix the release");
+    let status = cluster.wait_running(3);
+    assert_ne!(status.instances[0].pid, Some(before["1"]));
+    let answer = cluster.ctl_ok(&["restart", "--rolling", cluster.name()]);
+    assert_eq!(answer.trim(), "restarted 3 instances one at a time");
+}
+
+/// While the cluster drains for shutdown, `scale` and `restart` are refused (and exit
+/// non-zero); the drain carries on and the supervisor exits 0.
+#[test]
+fn scale_is_refused_while_the_cluster_shuts_down() {
+    let Some(command) = fdstore_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start("latescale", &["--instances", "1"], &command);
+    cluster.wait_running(1);
+    fixture_ok(cluster.addr(), "linger 3");
+    cluster.signal(libc::SIGTERM);
+    cluster.wait_for_stderr("the shutdown", |log| log.contains("SIGTERM: stopping 1 workers").then_some(()));
+    for args in [&["scale", "latescale", "2"][..], &["restart", "--rolling", "latescale"]] {
+        let output = cluster.ctl(args);
+        let stderr = stderr_of(&output);
+        assert!(!output.status.success(), "{args:?} succeeded during shutdown");
+        assert!(stderr.contains("the cluster is shutting down"), "{args:?}: {stderr}");
+    }
+    assert_eq!(cluster.wait_exit(PATIENCE).code(), Some(0), "{}", cluster.stderr());
+}

@@ -346,8 +346,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime.block_on(async { Supervisor::bind(spec, dir)?.run().await })?;
         }
         Command::Status { app, json } => {
-            let status = match control::request(&dir, &app, "status") {
-                Ok(answer) => serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer}"))?,
+            let status = match control::request(&dir, &app, &control::ControlRequest::Status) {
+                Ok(answer) => answer.into_status().map_err(anyhow::Error::msg)?,
                 Err(not_running) => under_systemd(not_running, || systemd::status(&app))?,
             };
             if json {
@@ -356,7 +356,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", status.table());
             }
         }
-        Command::Restart { app, rolling: _ } => match control::request(&dir, &app, "restart") {
+        Command::Restart { app, rolling: _ } => match control::request(&dir, &app, &control::ControlRequest::Restart) {
             Ok(answer) => return print_answer(answer),
             Err(not_running) => {
                 let n = under_systemd(not_running, || {
@@ -367,7 +367,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Command::Scale { app, instances } => {
             let n = Instances::parse(&instances)?;
-            match control::request(&dir, &app, &format!("scale {n}")) {
+            match control::request(&dir, &app, &control::ControlRequest::Scale { instances: n }) {
                 Ok(answer) => return print_answer(answer),
                 Err(not_running) => {
                     let (from, to) = under_systemd(not_running, || systemd::scale(&app, n))?;
@@ -422,11 +422,11 @@ fn under_systemd<T>(not_running: control::NotRunning, op: impl FnOnce() -> Resul
     Ok(op()?)
 }
 
-fn print_answer(text: String) -> Result<ExitCode> {
-    match text.strip_prefix("error: ") {
-        Some(e) => bail!("{e}"),
-        None => {
-            println!("{}", text.strip_prefix("ok: ").unwrap_or(&text));
+fn print_answer(answer: control::ControlResponse) -> Result<ExitCode> {
+    match answer.human() {
+        Err(e) => bail!("{e}"),
+        Ok(text) => {
+            println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
     }

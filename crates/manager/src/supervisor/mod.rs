@@ -1,15 +1,21 @@
 //! `sdcluster run`: systemd's part, for machines where systemd is not PID 1.
 //!
 //! Binds the listeners once, starts the instances with the sd_listen_fds protocol, reads
-//! their `sd_notify` messages, restarts the dead with backoff, kills the silent (watchdog),
-//! rolls restarts one instance at a time on SIGHUP, drains everything on SIGTERM, and
-//! answers `sdcluster status` on a control socket.
+//! their `sd_notify` messages (with the fds they store, as systemd's file descriptor store),
+//! restarts the dead with backoff, kills the silent (watchdog), rolls restarts one instance
+//! at a time on SIGHUP or `sdcluster restart`, drains everything on SIGTERM, and answers
+//! `sdcluster status|restart|scale` on a control socket ([`control::ControlRequest`]).
+//!
+//! Each instance's lifecycle is the pure state machine of [`machine`]; this module is the
+//! executor that feeds it events and performs its actions.
 
+mod fdstore;
+mod machine;
+mod roll;
 mod spawn;
 
-use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,25 +26,31 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use sdcluster_protocol::listen_fds::BALANCE_FD_NAME;
 use sdcluster_protocol::notify::Notification;
-use sdcluster_protocol::{BindError, Listener, balance};
+use sdcluster_protocol::{BindError, Listener, balance, handover};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
+use fdstore::FdStore;
+use machine::{Action, Event, Machine, Then, Timing};
+use roll::{Roll, RollStep};
 use spawn::Launch;
 
-use crate::control;
+use crate::control::{self, ControlRequest, ControlResponse};
 use crate::spec::{Balance, Spec};
 use crate::status::{ClusterStatus, InstanceStatus, process_usage};
 
-/// A worker that has not sent `READY=1` after this long is stopped and tried again.
+/// A worker that has not sent `READY=1` after this long is stopped and tried again; a
+/// rolling restart waits this long for each new process.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
-/// A worker up this long after `READY=1` is no longer part of a crash loop.
-const STABLE_AFTER: Duration = Duration::from_secs(1);
-/// The smallest step of the crash-loop backoff when the restart delay is 0.
-const MIN_BACKOFF_STEP: Duration = Duration::from_millis(50);
+/// How often stored fds are checked for hang-ups when nothing else happens.
+const TICK: Duration = Duration::from_secs(1);
+/// Most fds one notification may carry (systemd's limit: SCM_MAX_FD minus what it keeps).
+const MAX_NOTIFY_FDS: usize = 253;
+/// Longest notification datagram read (systemd's is the same, PIPE_BUF).
+const NOTIFY_BUFFER: usize = 4096;
 
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,72 +78,40 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SuperviseError {
     move |source| SuperviseError::Io { what, source }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Starting,
-    Running,
-    Stopping,
-    Waiting,
-    Stopped,
-}
-
-impl State {
-    /// The word `sdcluster status` shows.
-    fn name(self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Stopping => "stopping",
-            State::Waiting => "restarting",
-            State::Stopped => "stopped",
-        }
-    }
-}
-
-/// What to do when an instance's process ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Then {
-    /// An unexpected death: restart after the (backed-off) delay.
-    Restart,
-    /// A rolling restart: start again at once.
-    RestartNow,
-    /// Shutdown or scale-down: stay stopped.
-    Stay,
-}
-
 struct Instance {
-    name: String,
+    machine: Machine,
     launch: Launch,
     /// Sockets of this instance alone (SO_REUSEPORT mode), kept open across restarts.
     _own_sockets: Vec<Listener>,
-    pid: Option<Pid>,
-    state: State,
-    then: Then,
-    started: Instant,
-    ready_at: Option<Instant>,
-    last_ping: Instant,
-    restarts: u32,
-    crashes: u32,
-    deadline: Option<Instant>,
+    /// Its file descriptor store, passed to each next process.
+    store: FdStore,
+    /// Its hand-over flag ([`handover::HANDOVER_FLAG_ENV`]).
+    flag: PathBuf,
     status_text: String,
+}
+
+impl Instance {
+    fn name(&self) -> &str {
+        &self.machine.name
+    }
 }
 
 /// A request from the control socket, answered by the main loop.
 struct Request {
-    command: String,
-    reply: oneshot::Sender<String>,
+    request: ControlRequest,
+    reply: oneshot::Sender<ControlResponse>,
 }
 
 /// The running cluster.
 pub struct Supervisor {
     spec: Spec,
     dir: PathBuf,
+    timing: Timing,
     shared: Vec<Listener>,
     balance_table: Option<OwnedFd>,
     instances: Vec<Instance>,
-    roll: VecDeque<String>,
-    rolling: Option<String>,
-    roll_waiters: Vec<oneshot::Sender<String>>,
+    roll: Option<Roll>,
+    roll_waiters: Vec<oneshot::Sender<ControlResponse>>,
     shutting_down: bool,
 }
 
@@ -154,14 +134,21 @@ impl Supervisor {
             }
             Balance::Reuseport => (Vec::new(), None),
         };
+        let timing = Timing {
+            start_timeout: START_TIMEOUT,
+            stop_timeout: spec.stop_timeout,
+            watchdog: spec.watchdog,
+            restart_delay: spec.restart_delay,
+            restart_max_delay: spec.restart_max_delay,
+        };
         let mut supervisor = Self {
             spec,
             dir,
+            timing,
             shared,
             balance_table,
             instances: Vec::new(),
-            roll: VecDeque::new(),
-            rolling: None,
+            roll: None,
             roll_waiters: Vec::new(),
             shutting_down: false,
         };
@@ -169,19 +156,21 @@ impl Supervisor {
         Ok(supervisor)
     }
 
-    /// Adds instances up to `n`, or stops the ones above it.
-    fn scale_to(&mut self, n: u32) -> Result<(), SuperviseError> {
-        let live: Vec<usize> = (0..self.instances.len()).filter(|&i| self.instances[i].then != Then::Stay).collect();
+    /// Adds instances up to `n`, or stops the ones above it; returns how many ran before.
+    fn scale_to(&mut self, n: u32) -> Result<usize, SuperviseError> {
+        let live: Vec<usize> =
+            (0..self.instances.len()).filter(|&i| !self.instances[i].machine.stays_stopped()).collect();
         for &i in live.iter().skip(n as usize) {
-            self.stop(i, Then::Stay);
+            self.deliver(i, Event::Stop(Then::Stay));
         }
-        let mut next = self.instances.iter().filter_map(|i| i.name.parse::<u32>().ok()).max().unwrap_or(0);
+        let mut next = self.instances.iter().filter_map(|i| i.name().parse::<u32>().ok()).max().unwrap_or(0);
         for _ in live.len()..n as usize {
             next += 1;
             let instance = self.prepare(next.to_string())?;
             self.instances.push(instance);
         }
-        Ok(())
+        self.check_roll();
+        Ok(live.len())
     }
 
     fn prepare(&self, name: String) -> Result<Instance, SuperviseError> {
@@ -194,26 +183,26 @@ impl Supervisor {
         if let Some(table) = &self.balance_table {
             fds.push((table.as_raw_fd(), BALANCE_FD_NAME.to_owned()));
         }
+        let flag = control::handover_dir(&self.dir, &self.spec.name).join(&name);
         let mut env: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| !k.starts_with("LISTEN_") && !k.starts_with("WATCHDOG_") && k != "NOTIFY_SOCKET")
+            .filter(|(k, _)| {
+                !k.starts_with("LISTEN_")
+                    && !k.starts_with("WATCHDOG_")
+                    && k != "NOTIFY_SOCKET"
+                    && k != handover::HANDOVER_FLAG_ENV
+                    && k != handover::SYSTEMD_FDSTORE_ENV
+            })
             .collect();
         env.extend(self.spec.worker_environment(&name));
         env.push(("NOTIFY_SOCKET".into(), control::notify_path(&self.dir, &self.spec.name).display().to_string()));
+        env.push((handover::HANDOVER_FLAG_ENV.into(), flag.display().to_string()));
         let launch = Launch::new(&self.spec.command, &env, fds, self.spec.watchdog.map(|d| d.as_micros() as u64));
-        let now = Instant::now();
         Ok(Instance {
-            name,
+            machine: Machine::new(name, Instant::now()),
             launch,
             _own_sockets: own_sockets,
-            pid: None,
-            state: State::Waiting,
-            then: Then::Restart,
-            started: now,
-            ready_at: None,
-            last_ping: now,
-            restarts: 0,
-            crashes: 0,
-            deadline: Some(now),
+            store: FdStore::new(self.spec.handover_max as usize),
+            flag,
             status_text: String::new(),
         })
     }
@@ -229,6 +218,9 @@ impl Supervisor {
         // SAFETY: the datagram socket owns its fd, open and unchanged while the AsyncFd lives.
         let notify = unsafe { AsyncFd::register_with_interest(notify, Interest::READABLE) }
             .map_err(|e| io_err("notify socket")(e.into()))?;
+        let handover_dir = control::handover_dir(&self.dir, &self.spec.name);
+        let _ = std::fs::remove_dir_all(&handover_dir);
+        std::fs::create_dir_all(&handover_dir).map_err(io_err(format!("cannot create {}", handover_dir.display())))?;
         let control_path = control::control_path(&self.dir, &self.spec.name);
         let _ = std::fs::remove_file(&control_path);
         let control =
@@ -250,117 +242,131 @@ impl Supervisor {
             self.spec.balance,
         );
         loop {
-            self.on_deadlines();
-            if self.shutting_down && self.instances.iter().all(|i| i.state == State::Stopped) {
+            self.drop_hung_up();
+            self.tick();
+            if self.shutting_down && self.instances.iter().all(|i| i.machine.life == machine::Life::Stopped) {
                 break;
             }
             let next = self.next_deadline();
             tokio::select! {
-                _ = chld.recv() => self.reap(),
+                biased;
+                // Notifications first: a worker's last datagram (its stored fds) is handled
+                // before its exit, as systemd does.
                 ready = notify.readable() => {
                     if let Ok(mut guard) = ready {
-                        while let Ok(Ok((pid, n))) = guard.try_io(|s| receive(s.get_ref())) {
-                            self.on_notification(pid, n);
+                        while let Ok(Ok((pid, n, fds))) = guard.try_io(|s| receive(s.get_ref())) {
+                            self.on_notification(pid, n, fds);
                         }
                     }
+                }
+                _ = chld.recv() => {
+                    while let Ok((pid, n, fds)) = receive(notify.get_ref()) {
+                        self.on_notification(pid, n, fds);
+                    }
+                    self.reap();
                 }
                 _ = term.recv() => self.shut_down("SIGTERM"),
                 _ = int.recv() => self.shut_down("SIGINT"),
                 _ = hup.recv() => { tracing::info!("SIGHUP: rolling restart"); self.start_roll(None); }
                 Ok((stream, _)) = control.accept() => { tokio::spawn(serve_control(stream, requests.clone())); }
                 Some(request) = incoming.recv() => self.on_request(request),
-                () = sleep_until(next) => {}
+                () = tokio::time::sleep_until(next.into()) => {}
             }
         }
         let _ = std::fs::remove_file(&control_path);
         let _ = std::fs::remove_file(&notify_path);
+        let _ = std::fs::remove_dir_all(&handover_dir);
         tracing::info!("{}: all workers stopped", self.spec.name);
         Ok(())
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        self.instances
-            .iter()
-            .filter_map(|i| match (i.state, self.spec.watchdog) {
-                (State::Running, Some(w)) => Some(i.last_ping + w),
-                _ => i.deadline,
-            })
-            .min()
+    /// The earliest deadline of any instance, at most a [`TICK`] away.
+    fn next_deadline(&self) -> Instant {
+        let tick = Instant::now() + TICK;
+        self.instances.iter().filter_map(|i| i.machine.next_deadline(&self.timing)).min().map_or(tick, |d| d.min(tick))
     }
 
-    fn on_deadlines(&mut self) {
-        let now = Instant::now();
+    fn tick(&mut self) {
         for idx in 0..self.instances.len() {
-            let i = &mut self.instances[idx];
-            match i.state {
-                State::Waiting if i.deadline.is_some_and(|d| d <= now) => self.start(idx),
-                State::Starting if i.deadline.is_some_and(|d| d <= now) => {
-                    tracing::warn!("instance {} sent no READY=1 within {START_TIMEOUT:?}: stopping it", i.name);
-                    self.stop(idx, Then::Restart);
+            self.deliver(idx, Event::Tick);
+        }
+    }
+
+    /// Drops the stored fds that hung up, in every instance's store.
+    fn drop_hung_up(&mut self) {
+        for i in &mut self.instances {
+            if i.store.is_empty() {
+                continue;
+            }
+            for name in i.store.drop_hung_up() {
+                tracing::info!("instance {}: stored fd {name:?} hung up: removed from the store", i.machine.name);
+            }
+        }
+    }
+
+    /// Feeds `event` to instance `idx`'s state machine and performs the actions it returns.
+    fn deliver(&mut self, idx: usize, event: Event) {
+        let actions = self.instances[idx].machine.handle(event, Instant::now(), &self.timing);
+        for action in actions {
+            self.perform(idx, action);
+        }
+    }
+
+    fn perform(&mut self, idx: usize, action: Action) {
+        let i = &mut self.instances[idx];
+        match action {
+            Action::Spawn => {
+                for name in i.store.drop_hung_up() {
+                    tracing::info!("instance {}: stored fd {name:?} hung up: removed from the store", i.machine.name);
                 }
-                State::Running if self.spec.watchdog.is_some_and(|w| i.last_ping + w <= now) => {
-                    tracing::warn!(
-                        "instance {} (pid {}) sent no WATCHDOG=1 for {:?}: killing it with SIGABRT",
-                        i.name,
-                        i.pid.map_or(0, Pid::as_raw),
-                        self.spec.watchdog.unwrap_or_default()
-                    );
-                    self.signal(idx, Signal::SIGABRT, Then::Restart);
-                }
-                State::Stopping if i.deadline.is_some_and(|d| d <= now) => {
-                    tracing::warn!("instance {} did not stop within {:?}: SIGKILL", i.name, self.spec.stop_timeout);
-                    if let Some(pid) = i.pid {
-                        let _ = kill(pid, Signal::SIGKILL);
+                let stored = i.store.entries();
+                let spawned = i.launch.spawn_with(&stored);
+                if spawned.is_ok() {
+                    i.status_text.clear();
+                    if !stored.is_empty() {
+                        tracing::info!("instance {}: passing {} stored fds", i.machine.name, stored.len());
                     }
-                    i.deadline = None;
                 }
-                _ => {}
+                let event = match spawned {
+                    Ok(pid) => Event::Spawned(pid),
+                    Err(e) => Event::SpawnFailed(e.to_string()),
+                };
+                self.deliver(idx, event);
             }
-        }
-    }
-
-    fn start(&mut self, idx: usize) {
-        let i = &mut self.instances[idx];
-        match i.launch.spawn() {
-            Ok(pid) => {
-                i.pid = Some(pid);
-                i.state = State::Starting;
-                i.then = Then::Restart;
-                i.started = Instant::now();
-                i.ready_at = None;
-                i.deadline = Some(i.started + START_TIMEOUT);
-                i.status_text.clear();
-            }
-            Err(e) => {
-                i.crashes += 1;
-                let delay = backoff(self.spec.restart_delay, self.spec.restart_max_delay, i.crashes);
-                tracing::error!("cannot start instance {}: {e}; trying again in {delay:?}", i.name);
-                i.deadline = Some(Instant::now() + delay);
-            }
-        }
-    }
-
-    /// SIGTERM, then SIGKILL after the stop timeout.
-    fn stop(&mut self, idx: usize, then: Then) {
-        self.signal(idx, Signal::SIGTERM, then);
-    }
-
-    fn signal(&mut self, idx: usize, signal: Signal, then: Then) {
-        let i = &mut self.instances[idx];
-        i.then = then;
-        match (i.state, i.pid) {
-            (State::Starting | State::Running | State::Stopping, Some(pid)) => {
+            Action::Signal(pid, signal) => {
                 let _ = kill(pid, signal);
-                if i.state != State::Stopping {
-                    i.deadline = Some(Instant::now() + self.spec.stop_timeout);
+            }
+            Action::CreateHandoverFlag => {
+                let created = i.flag.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+                    std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&i.flag).map(drop)
+                });
+                if let Err(e) = created {
+                    tracing::warn!(
+                        "instance {}: cannot create the hand-over flag {}: {e}; its connections are closed, not handed over",
+                        i.machine.name,
+                        i.flag.display()
+                    );
                 }
-                i.state = State::Stopping;
             }
-            (State::Waiting, _) if then == Then::Stay => {
-                i.state = State::Stopped;
-                i.deadline = None;
+            Action::RemoveHandoverFlag => {
+                let _ = std::fs::remove_file(&i.flag);
             }
-            _ => {}
+            Action::DropStore => {
+                let n = i.store.clear();
+                if n > 0 {
+                    tracing::info!("instance {} stays stopped: closed the {n} fds of its store", i.machine.name);
+                }
+            }
+            Action::Ready => {
+                let name = i.machine.name.clone();
+                let step = self.roll.as_mut().and_then(|r| r.ready(&name, |n| is_running(&self.instances, n)));
+                self.roll_step(step);
+            }
+            Action::NotReady(why) => {
+                let name = i.machine.name.clone();
+                let step = self.roll.as_mut().and_then(|r| r.not_ready(&name, &why));
+                self.roll_step(step);
+            }
         }
     }
 
@@ -376,84 +382,88 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, pid: Pid, how: String, clean: bool) {
-        let Some(idx) = self.instances.iter().position(|i| i.pid == Some(pid)) else { return };
-        let (restart_delay, max_delay) = (self.spec.restart_delay, self.spec.restart_max_delay);
-        let i = &mut self.instances[idx];
-        i.pid = None;
-        let now = Instant::now();
-        match i.then {
-            Then::Stay => {
-                tracing::info!("instance {} (pid {pid}) {how}", i.name);
-                i.state = State::Stopped;
-                i.deadline = None;
-            }
-            Then::RestartNow => {
-                tracing::info!("instance {} (pid {pid}) {how}; starting it again", i.name);
-                i.state = State::Waiting;
-                i.deadline = Some(now);
-            }
-            Then::Restart => {
-                let stable = i.ready_at.is_some_and(|r| now - r >= STABLE_AFTER);
-                i.crashes = if stable { 1 } else { i.crashes + 1 };
-                i.restarts += 1;
-                let delay = backoff(restart_delay, max_delay, i.crashes);
-                let why = if clean { "" } else { " (unexpected)" };
-                tracing::warn!("instance {} (pid {pid}) {how}{why}; restarting in {delay:?}", i.name);
-                i.state = State::Waiting;
-                i.deadline = Some(now + delay);
-            }
+        let Some(idx) = self.instances.iter().position(|i| i.machine.pid() == Some(pid)) else { return };
+        self.deliver(idx, Event::Exited { how, clean });
+        if !self.shutting_down {
+            // Dropping an instance closes what is left of its store and its own sockets.
+            self.instances.retain(|i| i.machine.life != machine::Life::Stopped);
         }
-        if self.rolling.as_deref() == Some(self.instances[idx].name.as_str())
-            && self.instances[idx].then == Then::Restart
-        {
-            // The rolled instance died again instead of coming up: move on, don't stall.
-            self.next_roll();
-        }
-        if self.shutting_down {
-            return;
-        }
-        self.instances.retain(|i| !(i.state == State::Stopped && i.then == Then::Stay));
+        self.check_roll();
     }
 
-    fn on_notification(&mut self, pid: Pid, n: Notification) {
-        let Some(idx) = self.instances.iter().position(|i| i.pid == Some(pid)) else { return };
-        let stop_timeout = self.spec.stop_timeout;
+    /// A roll whose current instance stays stopped or is gone moves on.
+    fn check_roll(&mut self) {
+        let Some(current) = self.roll.as_ref().and_then(|r| r.current()).map(str::to_owned) else { return };
+        let gone = self.instances.iter().find(|i| i.name() == current).is_none_or(|i| i.machine.stays_stopped());
+        if gone {
+            let step = self.roll.as_mut().and_then(|r| r.gone(&current, |n| is_running(&self.instances, n)));
+            self.roll_step(step);
+        }
+    }
+
+    fn on_notification(&mut self, pid: Pid, n: Notification, fds: Vec<OwnedFd>) {
+        let Some(idx) = self.instances.iter().position(|i| i.machine.pid() == Some(pid)) else {
+            if !fds.is_empty() {
+                tracing::warn!(
+                    "closing {} fds sent by pid {pid}, which is not the main process of an instance",
+                    fds.len()
+                );
+            }
+            return;
+        };
+        let max = self.spec.handover_max;
         let i = &mut self.instances[idx];
-        let now = Instant::now();
+        let name = i.machine.name.clone();
         if let Some(text) = n.status {
             i.status_text = text;
         }
+        if n.fdstore_remove {
+            match &n.fdname {
+                Some(fdname) => {
+                    let removed = i.store.remove(fdname);
+                    tracing::debug!("instance {name}: FDSTOREREMOVE=1 closed {removed} fds named {fdname:?}");
+                }
+                None => tracing::warn!("instance {name}: FDSTOREREMOVE=1 without FDNAME=: ignored"),
+            }
+        }
+        if n.fdstore && !fds.is_empty() {
+            let fdname = n.fdname.as_deref().unwrap_or(fdstore::DEFAULT_NAME);
+            let added = i.store.add(fds, fdname, !n.fdpoll_off);
+            if added.over_cap > 0 {
+                tracing::warn!(
+                    "instance {name}: the fd store is full (handover-max {max}): closed {} more fds named {fdname:?}",
+                    added.over_cap
+                );
+            }
+            tracing::debug!(
+                "instance {name}: stored {} fds named {fdname:?} ({} already stored); {} in the store",
+                added.kept,
+                added.duplicates,
+                i.store.len()
+            );
+        } else if !fds.is_empty() && !n.barrier {
+            tracing::warn!("instance {name}: closing {} fds sent without FDSTORE=1", fds.len());
+        }
+        // BARRIER=1: its fd is closed (dropped) here, once the datagram is handled.
         if n.watchdog {
-            i.last_ping = now;
+            self.deliver(idx, Event::Ping);
         }
-        if n.stopping && i.state != State::Stopping {
-            i.state = State::Stopping;
-            i.deadline = Some(now + stop_timeout);
+        if n.stopping {
+            self.deliver(idx, Event::Stopping);
         }
-        let became_ready = n.ready && i.state == State::Starting;
-        if became_ready {
-            i.state = State::Running;
-            i.ready_at = Some(now);
-            i.last_ping = now;
-            i.deadline = None;
-            tracing::info!("instance {} ready (pid {pid}) {:?} after its start", i.name, now - i.started);
+        if n.ready {
+            self.deliver(idx, Event::Ready);
         }
         if n.watchdog_trigger {
-            tracing::warn!("instance {} asked for its watchdog to fire: SIGABRT", i.name);
-            self.signal(idx, Signal::SIGABRT, Then::Restart);
-        }
-        if became_ready && self.rolling.as_deref() == Some(self.instances[idx].name.as_str()) {
-            self.next_roll();
+            self.deliver(idx, Event::WatchdogTrigger);
         }
     }
 
     fn shut_down(&mut self, why: &str) {
         if self.shutting_down {
             tracing::warn!("{why} again: killing every worker now");
-            for i in &self.instances {
-                if let Some(pid) = i.pid {
-                    let _ = kill(pid, Signal::SIGKILL);
-                }
+            for pid in self.instances.iter().filter_map(|i| i.machine.pid()) {
+                let _ = kill(pid, Signal::SIGKILL);
             }
             return;
         }
@@ -463,59 +473,82 @@ impl Supervisor {
             self.spec.stop_timeout
         );
         self.shutting_down = true;
-        self.roll.clear();
-        self.rolling = None;
-        for idx in 0..self.instances.len() {
-            self.stop(idx, Then::Stay);
+        if self.roll.take().is_some() {
+            tracing::warn!("rolling restart abandoned: the cluster is shutting down");
         }
         for waiter in self.roll_waiters.drain(..) {
-            let _ = waiter.send("error: the cluster is shutting down".into());
+            let _ = waiter.send(ControlResponse::error("the cluster is shutting down"));
+        }
+        for idx in 0..self.instances.len() {
+            self.deliver(idx, Event::Stop(Then::Stay));
         }
     }
 
-    /// Queues every instance for a restart, one at a time, each waiting for the previous
-    /// one's `READY=1`; `waiter` is told when the last is up.
-    fn start_roll(&mut self, waiter: Option<oneshot::Sender<String>>) {
-        waiter.into_iter().for_each(|w| self.roll_waiters.push(w));
-        if self.rolling.is_some() || !self.roll.is_empty() {
+    /// Restarts every running instance, one at a time, each waiting for its new process's
+    /// `READY=1`; `waiter` is told when the roll is over (or stopped).
+    fn start_roll(&mut self, waiter: Option<oneshot::Sender<ControlResponse>>) {
+        if self.shutting_down {
+            if let Some(w) = waiter {
+                let _ = w.send(ControlResponse::error("the cluster is shutting down"));
+            }
+            return;
+        }
+        self.roll_waiters.extend(waiter);
+        if self.roll.is_some() {
             return; // already rolling: the new waiter is told when this roll ends
         }
-        self.roll = self.instances.iter().filter(|i| i.then != Then::Stay).map(|i| i.name.clone()).collect();
-        self.next_roll();
+        let running = self.instances.iter().filter(|i| i.machine.is_running()).map(|i| i.name().to_owned()).collect();
+        let mut roll = Roll::new(running);
+        let step = roll.advance(|n| is_running(&self.instances, n));
+        self.roll = Some(roll);
+        self.roll_step(Some(step));
     }
 
-    fn next_roll(&mut self) {
-        self.rolling = None;
-        while let Some(name) = self.roll.pop_front() {
-            if let Some(idx) = self.instances.iter().position(|i| i.name == name && i.state == State::Running) {
+    fn roll_step(&mut self, step: Option<RollStep>) {
+        match step {
+            None => {}
+            Some(RollStep::Restart(name)) => {
                 tracing::info!("rolling restart: instance {name}");
-                self.rolling = Some(name);
-                self.stop(idx, Then::RestartNow);
-                return;
+                if let Some(idx) = self.instances.iter().position(|i| i.name() == name) {
+                    self.deliver(idx, Event::Stop(Then::RestartNow));
+                }
+            }
+            Some(RollStep::Done { restarted }) => {
+                self.roll = None;
+                tracing::info!("rolling restart done");
+                for waiter in self.roll_waiters.drain(..) {
+                    let _ = waiter.send(ControlResponse::Restarted { instances: restarted });
+                }
+            }
+            Some(RollStep::Failed { message }) => {
+                self.roll = None;
+                tracing::error!("rolling restart stopped: {message}");
+                for waiter in self.roll_waiters.drain(..) {
+                    let _ = waiter.send(ControlResponse::error(message.clone()));
+                }
             }
         }
-        let count = self.instances.len();
-        for waiter in self.roll_waiters.drain(..) {
-            let _ = waiter.send(format!("ok: restarted {count} instances one at a time"));
-        }
-        tracing::info!("rolling restart done");
     }
 
-    fn on_request(&mut self, request: Request) {
-        let mut words = request.command.split_whitespace();
-        let answer = match (words.next(), words.next()) {
-            (Some("status"), None) => serde_json::to_string(&self.status()).unwrap_or_else(|e| format!("error: {e}")),
-            (Some("restart"), None) => return self.start_roll(Some(request.reply)),
-            (Some("scale"), Some(n)) => match crate::spec::Instances::parse(n) {
-                Ok(n) => match self.scale_to(n.resolve()) {
-                    Ok(()) => format!("ok: {} instances", n.resolve()),
-                    Err(e) => format!("error: {e}"),
-                },
-                Err(e) => format!("error: {e}"),
-            },
-            _ => format!("error: unknown command {:?} (status, restart, scale N)", request.command),
+    fn on_request(&mut self, Request { request, reply }: Request) {
+        let answer = match request {
+            ControlRequest::Status => ControlResponse::Status(self.status()),
+            ControlRequest::Restart => return self.start_roll(Some(reply)),
+            ControlRequest::Scale { .. } if self.shutting_down => {
+                ControlResponse::error("the cluster is shutting down: scale refused")
+            }
+            ControlRequest::Scale { instances } => {
+                let to = instances.resolve();
+                match self.scale_to(to) {
+                    Ok(from) => {
+                        tracing::info!("scale: {from} -> {to} instances");
+                        ControlResponse::Scaled { from, to: to as usize }
+                    }
+                    Err(e) => ControlResponse::error(e.to_string()),
+                }
+            }
         };
-        let _ = request.reply.send(answer);
+        let _ = reply.send(answer);
     }
 
     /// The cluster as `sdcluster status` shows it.
@@ -528,13 +561,14 @@ impl Supervisor {
                 .instances
                 .iter()
                 .map(|i| {
-                    let (memory_bytes, cpu_secs) = i.pid.map_or((None, None), |p| process_usage(p.as_raw() as u32));
+                    let pid = i.machine.pid();
+                    let (memory_bytes, cpu_secs) = pid.map_or((None, None), |p| process_usage(p.as_raw() as u32));
                     InstanceStatus {
-                        instance: i.name.clone(),
-                        pid: i.pid.map(|p| p.as_raw() as u32),
-                        state: i.state.name().to_owned(),
-                        uptime_secs: i.pid.map(|_| i.started.elapsed().as_secs_f64()),
-                        restarts: i.restarts,
+                        instance: i.name().to_owned(),
+                        pid: pid.map(|p| p.as_raw() as u32),
+                        state: i.machine.state_name().to_owned(),
+                        uptime_secs: i.machine.since().map(|s| s.elapsed().as_secs_f64()),
+                        restarts: i.machine.restarts,
                         memory_bytes,
                         cpu_secs,
                         status_text: i.status_text.clone(),
@@ -545,38 +579,39 @@ impl Supervisor {
     }
 }
 
-/// The restart delay after the `crashes`-th death in a row: the spec's delay first, then
-/// doubling up to the ceiling.
-fn backoff(delay: Duration, max: Duration, crashes: u32) -> Duration {
-    if crashes <= 1 {
-        return delay;
-    }
-    let step = delay.max(MIN_BACKOFF_STEP);
-    step.saturating_mul(1 << (crashes - 1).min(20)).min(max)
+fn is_running(instances: &[Instance], name: &str) -> bool {
+    instances.iter().any(|i| i.name() == name && i.machine.is_running())
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// One datagram from the notify socket, with the sender's pid from its credentials.
-fn receive(socket: &UnixDatagram) -> io::Result<(Pid, Notification)> {
-    let mut buf = [0u8; 4096];
-    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+/// One datagram from the notify socket: the sender's pid from its credentials, what it
+/// says, and the fds it sent along (SCM_RIGHTS, close-on-exec; closed when dropped).
+fn receive(socket: &UnixDatagram) -> io::Result<(Pid, Notification, Vec<OwnedFd>)> {
+    let mut buf = [0u8; NOTIFY_BUFFER];
+    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [std::os::fd::RawFd; MAX_NOTIFY_FDS]);
     let mut iov = [io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(socket.as_fd().as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
-    let pid = msg
-        .cmsgs()?
-        .find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(creds) => Some(Pid::from_raw(creds.pid())),
-            _ => None,
-        })
-        .unwrap_or(Pid::from_raw(0));
+    let msg = recvmsg::<()>(
+        socket.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut pid = Pid::from_raw(0);
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::ScmCredentials(creds) => pid = Pid::from_raw(creds.pid()),
+            // SAFETY: the kernel just installed these fds in this process; nothing else owns them.
+            ControlMessageOwned::ScmRights(raw) => {
+                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+            }
+            _ => {}
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        tracing::warn!("a notification from pid {pid} carried more than {MAX_NOTIFY_FDS} fds: the rest were closed");
+    }
     let len = msg.bytes;
-    Ok((pid, Notification::parse(&buf[..len])))
+    Ok((pid, Notification::parse(&buf[..len]), fds))
 }
 
 async fn serve_control(stream: tokio::net::UnixStream, requests: mpsc::Sender<Request>) {
@@ -587,12 +622,22 @@ async fn serve_control(stream: tokio::net::UnixStream, requests: mpsc::Sender<Re
     if tokio::time::timeout(Duration::from_secs(5), read_line).await.is_err() {
         return;
     }
-    let (reply, answer) = oneshot::channel();
-    if requests.send(Request { command: line.trim().to_owned(), reply }).await.is_err() {
-        return;
-    }
-    if let Ok(answer) = answer.await {
-        let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+    let answer = match control::parse_message::<ControlRequest>(&line) {
+        Err(e) => ControlResponse::error(format!("not a request: {e}")),
+        Ok(request) => {
+            let (reply, answer) = oneshot::channel();
+            if requests.send(Request { request, reply }).await.is_err() {
+                return;
+            }
+            match answer.await {
+                Ok(answer) => answer,
+                Err(_) => return,
+            }
+        }
+    };
+    let mut out = Vec::new();
+    if control::write_message(&mut out, &answer).is_ok() {
+        let _ = write.write_all(&out).await;
     }
 }
 
@@ -600,12 +645,51 @@ async fn serve_control(stream: tokio::net::UnixStream, requests: mpsc::Sender<Re
 mod tests {
     use super::*;
 
+    /// The control protocol end to end over a socket pair: the supervisor's async side
+    /// against the CLI's blocking side.
     #[test]
-    fn backoff_doubles_up_to_the_ceiling() {
-        let (d, max) = (Duration::from_millis(100), Duration::from_secs(2));
-        let steps: Vec<u128> = (1..=7).map(|n| backoff(d, max, n).as_millis()).collect();
-        assert_eq!(steps, [100, 200, 400, 800, 1600, 2000, 2000]);
-        assert_eq!(backoff(Duration::ZERO, max, 1), Duration::ZERO);
-        assert_eq!(backoff(Duration::ZERO, max, 2), Duration::from_millis(100));
+    fn serve_control_answers_typed_requests() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for (request, expected) in [
+            (ControlRequest::Restart, ControlResponse::Restarted { instances: 2 }),
+            (
+                ControlRequest::Scale { instances: crate::spec::Instances::Count(3) },
+                ControlResponse::error("the cluster is shutting down: scale refused"),
+            ),
+        ] {
+            let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+            let sent = request.clone();
+            let answer = expected.clone();
+            let client = std::thread::spawn(move || control::exchange(client, &sent).unwrap());
+            runtime.block_on(async {
+                server.set_nonblocking(true).unwrap();
+                let server = tokio::net::UnixStream::from_std(server).unwrap();
+                let (requests, mut incoming) = mpsc::channel(1);
+                let serving = tokio::spawn(serve_control(server, requests));
+                let got: Request = incoming.recv().await.unwrap();
+                assert_eq!(got.request, request);
+                got.reply.send(answer).unwrap();
+                serving.await.unwrap();
+            });
+            assert_eq!(client.join().unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn notifications_carry_credentials_and_fds() {
+        use nix::sys::socket::{ControlMessage, sendmsg};
+        let (a, b) = UnixDatagram::pair().unwrap();
+        setsockopt(&b, sockopt::PassCred, &true).unwrap();
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let fds = [r.as_raw_fd(), r.as_raw_fd()];
+        let iov = [io::IoSlice::new(b"FDSTORE=1\nFDNAME=x")];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+        let (pid, n, got) = receive(&b).unwrap();
+        assert_eq!(pid, nix::unistd::getpid());
+        assert!(n.fdstore && n.fdname.as_deref() == Some("x"));
+        assert_eq!(got.len(), 2);
+        let flags = nix::fcntl::fcntl(&got[0], nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert!(flags & libc::FD_CLOEXEC != 0, "received fds are close-on-exec");
+        assert!(receive(&b).is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock));
     }
 }

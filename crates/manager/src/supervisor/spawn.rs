@@ -11,8 +11,6 @@ use std::os::fd::RawFd;
 use nix::unistd::{ForkResult, Pid, fork};
 use sdcluster_protocol::listen_fds::LISTEN_FDS_START;
 
-/// Most fds passed to one worker (the spec allows far fewer listen addresses).
-pub const MAX_FDS: usize = 64;
 /// Room for the digits of any pid.
 const PID_DIGITS: usize = 20;
 
@@ -22,7 +20,8 @@ pub struct Launch {
     env: Vec<CString>,
     /// `NAME=` plus PID_DIGITS+1 bytes, for each variable that carries the child's pid.
     pid_vars: Vec<Vec<u8>>,
-    fds: Vec<RawFd>,
+    /// The fds every start passes (listeners, the balance table), with their names.
+    fds: Vec<(RawFd, String)>,
 }
 
 impl Launch {
@@ -34,47 +33,52 @@ impl Launch {
         fds: Vec<(RawFd, String)>,
         watchdog_usec: Option<u64>,
     ) -> Self {
-        let cstr = |s: String| CString::new(s).expect("no NUL in arguments or environment (validated)");
         let mut vars: Vec<CString> = env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect();
         let mut pid_vars = vec![pid_var("LISTEN_PID=")];
-        vars.push(cstr(format!("LISTEN_FDS={}", fds.len())));
-        vars.push(cstr(format!(
-            "LISTEN_FDNAMES={}",
-            fds.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(":")
-        )));
         if let Some(usec) = watchdog_usec {
             vars.push(cstr(format!("WATCHDOG_USEC={usec}")));
             pid_vars.push(pid_var("WATCHDOG_PID="));
         }
-        Self {
-            argv: argv.iter().cloned().map(cstr).collect(),
-            env: vars,
-            pid_vars,
-            fds: fds.into_iter().map(|(fd, _)| fd).collect(),
-        }
+        Self { argv: argv.iter().cloned().map(cstr).collect(), env: vars, pid_vars, fds }
     }
 
-    /// Forks and execs; the child is in its own process group (terminal signals reach only
-    /// the supervisor, which decides) and gets SIGTERM if the supervisor dies.
+    /// [`Launch::spawn_with`] no extra fds.
+    #[cfg(test)]
     pub fn spawn(&mut self) -> nix::Result<Pid> {
+        self.spawn_with(&[])
+    }
+
+    /// Forks and execs with the launch's fds followed by `extra` (the instance's fd store);
+    /// the child is in its own process group (terminal signals reach only the supervisor,
+    /// which decides) and gets SIGTERM if the supervisor dies.
+    pub fn spawn_with(&mut self, extra: &[(RawFd, &str)]) -> nix::Result<Pid> {
         let supervisor = nix::unistd::getpid();
-        // Pointers are taken before the fork; the child writes only into pid_vars' buffers.
+        // Everything the child needs is allocated here, before the fork.
+        let fds: Vec<RawFd> = self.fds.iter().map(|(fd, _)| *fd).chain(extra.iter().map(|(fd, _)| *fd)).collect();
+        let names: Vec<&str> = self.fds.iter().map(|(_, n)| n.as_str()).chain(extra.iter().map(|(_, n)| *n)).collect();
+        let listen = [cstr(format!("LISTEN_FDS={}", fds.len())), cstr(format!("LISTEN_FDNAMES={}", names.join(":")))];
+        let mut moved: Vec<RawFd> = vec![0; fds.len()];
+        // Pointers are taken before the fork; the child writes only into pid_vars' buffers
+        // and `moved`.
         let argv: Vec<*const c_char> = self.argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
-        let mut envp: Vec<*const c_char> = self.env.iter().map(|e| e.as_ptr()).collect();
+        let mut envp: Vec<*const c_char> = self.env.iter().chain(&listen).map(|e| e.as_ptr()).collect();
         envp.extend(self.pid_vars.iter().map(|v| v.as_ptr().cast::<c_char>()));
         envp.push(std::ptr::null());
         let pid_bufs: Vec<*mut u8> = self.pid_vars.iter_mut().map(|v| v.as_mut_ptr()).collect();
         let prefixes: Vec<usize> = self.pid_vars.iter().map(|v| v.len() - PID_DIGITS - 1).collect();
-        let fds = self.fds.clone();
         // SAFETY: the child calls only async-signal-safe functions and exits or execs.
         match unsafe { fork() }? {
             ForkResult::Parent { child } => Ok(child),
             ForkResult::Child => unsafe {
-                child_exec(supervisor, &argv, &envp, &pid_bufs, &prefixes, &fds);
+                child_exec(supervisor, &argv, &envp, &pid_bufs, &prefixes, &fds, &mut moved);
                 libc::_exit(127)
             },
         }
     }
+}
+
+fn cstr(s: String) -> CString {
+    CString::new(s).expect("no NUL in arguments, environment or fd names (validated)")
 }
 
 fn pid_var(name: &str) -> Vec<u8> {
@@ -91,6 +95,7 @@ unsafe fn child_exec(
     pid_bufs: &[*mut u8],
     prefixes: &[usize],
     fds: &[RawFd],
+    moved: &mut [RawFd],
 ) {
     unsafe {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::getppid() != supervisor.as_raw() {
@@ -105,14 +110,13 @@ unsafe fn child_exec(
 
         // Move the fds out of the way first (dup2(3, 3) would keep FD_CLOEXEC), then into place.
         let first_free = LISTEN_FDS_START + fds.len() as RawFd;
-        let mut moved = [0 as RawFd; MAX_FDS];
-        for (i, &fd) in fds.iter().enumerate().take(moved.len()) {
+        for (i, &fd) in fds.iter().enumerate() {
             moved[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
             if moved[i] < 0 {
                 return;
             }
         }
-        for (i, &fd) in moved.iter().take(fds.len()).enumerate() {
+        for (i, &fd) in moved.iter().enumerate() {
             if libc::dup2(fd, LISTEN_FDS_START + i as RawFd) < 0 {
                 return;
             }
@@ -170,6 +174,33 @@ mod tests {
         let p = pid.as_raw().to_string();
         assert_eq!(first, [p.as_str(), p.as_str(), "1", "http", p.as_str(), "5000000", "bar"]);
         assert!(text.contains("socket:["), "fd 3 is the socket: {text}");
+    }
+
+    #[test]
+    fn stored_fds_follow_the_listeners() {
+        let out = std::env::temp_dir().join(format!("sdcluster-spawn-extra-{}", std::process::id()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // More fds than any fixed array would hold.
+        let stored: Vec<std::fs::File> = (0..100).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let extra: Vec<(RawFd, &str)> = stored.iter().map(|f| (f.as_raw_fd(), "kept")).collect();
+        let script = format!("echo \"$LISTEN_FDS $LISTEN_FDNAMES\" > {0}; ls -l /proc/$$/fd/102 >> {0}", out.display());
+        let mut launch = Launch::new(
+            &["/bin/sh".into(), "-c".into(), script],
+            &[("PATH".into(), "/usr/bin:/bin".into())],
+            vec![(listener.as_raw_fd(), "http".into())],
+            None,
+        );
+        let pid = launch.spawn_with(&extra).unwrap();
+        nix::sys::wait::waitpid(pid, None).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        assert_eq!(text.lines().next(), Some(format!("101 http{}", ":kept".repeat(100)).as_str()));
+        assert!(text.contains("/dev/null"), "fd 102 is the last stored one: {text}");
+        // The next start without them passes the listener alone.
+        let pid = launch.spawn_with(&[]).unwrap();
+        nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap().lines().next(), Some("1 http"));
+        std::fs::remove_file(&out).unwrap();
     }
 
     #[test]

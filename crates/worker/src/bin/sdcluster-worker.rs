@@ -45,7 +45,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let debug = cli.debug_endpoints;
-    let app = service_fn(move |req: Request<RequestBody>| async move { Ok::<_, Infallible>(answer(&req, debug).await) });
+    let app =
+        service_fn(move |req: Request<RequestBody>| async move { Ok::<_, Infallible>(answer(&req, debug).await) });
     sdcluster_worker::run(cli.worker, app)
 }
 

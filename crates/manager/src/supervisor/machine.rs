@@ -1,0 +1,571 @@
+//! One instance's lifecycle as an explicit state machine: [`Life`] carries each state's
+//! data, [`Machine::handle`] turns an [`Event`] at a given time into the next state and the
+//! [`Action`]s the supervisor then performs (spawn, signal, hand-over flag, fd store). No
+//! process is touched here, so every transition is unit-tested without one.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// A worker up this long after `READY=1` is no longer part of a crash loop.
+pub const STABLE_AFTER: Duration = Duration::from_secs(1);
+/// The smallest step of the crash-loop backoff when the restart delay is 0.
+const MIN_BACKOFF_STEP: Duration = Duration::from_millis(50);
+
+/// What happens once a stopping process has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// It was stopped for misbehaving (watchdog, start timeout): restart after the
+    /// (backed-off) delay, counted as a crash.
+    Restart,
+    /// A planned restart (rolling restart): start again at once, keeping the fd store.
+    RestartNow,
+    /// Shutdown or scale-down: stay stopped, drop the fd store.
+    Stay,
+}
+
+/// Where an instance is in its life, with what that state needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Life {
+    /// No process; start one at `until`.
+    Waiting {
+        /// When.
+        until: Instant,
+    },
+    /// Started, no `READY=1` yet.
+    Starting {
+        /// The main process.
+        pid: Pid,
+        /// When it was started.
+        since: Instant,
+    },
+    /// Sent `READY=1`.
+    Running {
+        /// The main process.
+        pid: Pid,
+        /// When it was started.
+        since: Instant,
+        /// When it sent `READY=1`.
+        ready_at: Instant,
+        /// Its last `WATCHDOG=1` (or `READY=1`).
+        last_ping: Instant,
+    },
+    /// Asked to stop (or stopping by itself): waiting for it to exit.
+    Stopping {
+        /// The main process.
+        pid: Pid,
+        /// When it was started.
+        since: Instant,
+        /// When it had sent `READY=1`, if it had.
+        ready_at: Option<Instant>,
+        /// What comes after its exit.
+        then: Then,
+        /// When it is killed if still there.
+        deadline: Instant,
+        /// SIGKILL was sent.
+        killed: bool,
+    },
+    /// Stays stopped (shutdown, scale-down).
+    Stopped,
+}
+
+/// What happened to an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed: act on the state's deadline if it is due.
+    Tick,
+    /// The process asked for by [`Action::Spawn`] runs.
+    Spawned(Pid),
+    /// [`Action::Spawn`] failed.
+    SpawnFailed(String),
+    /// The main process exited (`how`, for people); `clean` when with status 0.
+    Exited {
+        /// "exited with status 1", "was killed by SIGKILL".
+        how: String,
+        /// Exit status 0.
+        clean: bool,
+    },
+    /// `READY=1`.
+    Ready,
+    /// `WATCHDOG=1`.
+    Ping,
+    /// `WATCHDOG=trigger`.
+    WatchdogTrigger,
+    /// `STOPPING=1`: the worker drains by itself.
+    Stopping,
+    /// The supervisor stops the instance (SIGTERM), to do `Then` afterwards.
+    Stop(Then),
+}
+
+/// What the supervisor does for a transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start the instance's next process (with its fd store); report back
+    /// [`Event::Spawned`] or [`Event::SpawnFailed`].
+    Spawn,
+    /// `kill(pid, signal)`.
+    Signal(Pid, Signal),
+    /// Create the instance's hand-over flag: the stop that follows is a restart.
+    CreateHandoverFlag,
+    /// Remove it: the stop that follows is for good.
+    RemoveHandoverFlag,
+    /// Close every fd in the instance's store: it stays stopped.
+    DropStore,
+    /// The new process sent `READY=1` (a rolling restart moves on).
+    Ready,
+    /// The new process ended or timed out before `READY=1`, why (a rolling restart stops).
+    NotReady(String),
+}
+
+/// The timeouts and delays transitions obey.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// A process that sent no `READY=1` after this long is stopped and started again.
+    pub start_timeout: Duration,
+    /// A stopping process still there after this long gets SIGKILL.
+    pub stop_timeout: Duration,
+    /// A running process silent this long gets SIGABRT.
+    pub watchdog: Option<Duration>,
+    /// Delay before a dead process is started again.
+    pub restart_delay: Duration,
+    /// Ceiling of that delay in a crash loop.
+    pub restart_max_delay: Duration,
+}
+
+/// One instance's state and counters.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// The instance name ("1", "2", ...), for logs.
+    pub name: String,
+    /// Its state.
+    pub life: Life,
+    /// Unplanned restarts so far.
+    pub restarts: u32,
+    /// Deaths in a row (the backoff's exponent).
+    pub crashes: u32,
+}
+
+impl Machine {
+    /// A new instance, to be started at `now`.
+    pub fn new(name: impl Into<String>, now: Instant) -> Self {
+        Self { name: name.into(), life: Life::Waiting { until: now }, restarts: 0, crashes: 0 }
+    }
+
+    /// The main process, if there is one.
+    pub fn pid(&self) -> Option<Pid> {
+        match self.life {
+            Life::Starting { pid, .. } | Life::Running { pid, .. } | Life::Stopping { pid, .. } => Some(pid),
+            Life::Waiting { .. } | Life::Stopped => None,
+        }
+    }
+
+    /// When the main process was started.
+    pub fn since(&self) -> Option<Instant> {
+        match self.life {
+            Life::Starting { since, .. } | Life::Running { since, .. } | Life::Stopping { since, .. } => Some(since),
+            Life::Waiting { .. } | Life::Stopped => None,
+        }
+    }
+
+    /// The word `sdcluster status` shows.
+    pub fn state_name(&self) -> &'static str {
+        match self.life {
+            Life::Waiting { .. } => "restarting",
+            Life::Starting { .. } => "starting",
+            Life::Running { .. } => "running",
+            Life::Stopping { .. } => "stopping",
+            Life::Stopped => "stopped",
+        }
+    }
+
+    /// Whether it serves (sent `READY=1`, not stopping).
+    pub fn is_running(&self) -> bool {
+        matches!(self.life, Life::Running { .. })
+    }
+
+    /// Whether it is stopped or on its way to stay stopped.
+    pub fn stays_stopped(&self) -> bool {
+        matches!(self.life, Life::Stopped | Life::Stopping { then: Then::Stay, .. })
+    }
+
+    /// When [`Event::Tick`] next has something to do.
+    pub fn next_deadline(&self, t: &Timing) -> Option<Instant> {
+        match self.life {
+            Life::Waiting { until } => Some(until),
+            Life::Starting { since, .. } => Some(since + t.start_timeout),
+            Life::Running { last_ping, .. } => t.watchdog.map(|w| last_ping + w),
+            Life::Stopping { deadline, killed: false, .. } => Some(deadline),
+            Life::Stopping { killed: true, .. } | Life::Stopped => None,
+        }
+    }
+
+    /// The transition for `event` at `now`: updates the state, returns what to do.
+    pub fn handle(&mut self, event: Event, now: Instant, t: &Timing) -> Vec<Action> {
+        let name = &self.name;
+        match (self.life.clone(), event) {
+            (Life::Waiting { until }, Event::Tick) if until <= now => vec![Action::Spawn],
+            (Life::Waiting { .. }, Event::Spawned(pid)) => {
+                self.life = Life::Starting { pid, since: now };
+                vec![]
+            }
+            (Life::Waiting { .. }, Event::SpawnFailed(e)) => {
+                self.crashes += 1;
+                let delay = backoff(t.restart_delay, t.restart_max_delay, self.crashes);
+                tracing::error!("cannot start instance {name}: {e}; trying again in {delay:?}");
+                self.life = Life::Waiting { until: now + delay };
+                vec![Action::NotReady(format!("cannot start it: {e}"))]
+            }
+            (Life::Waiting { .. }, Event::Stop(Then::Stay)) => {
+                self.life = Life::Stopped;
+                vec![Action::RemoveHandoverFlag, Action::DropStore]
+            }
+
+            (Life::Starting { pid, since }, Event::Ready) => {
+                tracing::info!("instance {name} ready (pid {pid}) {:?} after its start", now - since);
+                self.life = Life::Running { pid, since, ready_at: now, last_ping: now };
+                vec![Action::Ready]
+            }
+            (Life::Starting { pid, since }, Event::Tick) if since + t.start_timeout <= now => {
+                tracing::warn!("instance {name} sent no READY=1 within {:?}: stopping it", t.start_timeout);
+                self.life = stopping(pid, since, None, Then::Restart, now + t.stop_timeout);
+                let why = format!("sent no READY=1 within {:?}", t.start_timeout);
+                vec![Action::Signal(pid, Signal::SIGTERM), Action::NotReady(why)]
+            }
+            (Life::Starting { pid, .. }, Event::Exited { how, clean }) => {
+                let actions = vec![Action::NotReady(how.clone())];
+                self.crashed(pid, None, &how, clean, now, t);
+                actions
+            }
+            (Life::Running { pid, ready_at, .. }, Event::Exited { how, clean }) => {
+                self.crashed(pid, Some(ready_at), &how, clean, now, t);
+                vec![]
+            }
+            (Life::Running { pid, since, ready_at, .. }, Event::Ping) => {
+                self.life = Life::Running { pid, since, ready_at, last_ping: now };
+                vec![]
+            }
+            (Life::Running { pid, since, ready_at, last_ping }, Event::Tick)
+                if t.watchdog.is_some_and(|w| last_ping + w <= now) =>
+            {
+                tracing::warn!(
+                    "instance {name} (pid {pid}) sent no WATCHDOG=1 for {:?}: killing it with SIGABRT",
+                    t.watchdog.unwrap_or_default()
+                );
+                self.life = stopping(pid, since, Some(ready_at), Then::Restart, now + t.stop_timeout);
+                vec![Action::Signal(pid, Signal::SIGABRT)]
+            }
+            (Life::Starting { pid, since }, e @ (Event::Stopping | Event::WatchdogTrigger | Event::Stop(_)))
+            | (Life::Running { pid, since, .. }, e @ (Event::Stopping | Event::WatchdogTrigger | Event::Stop(_))) => {
+                let ready_at = match self.life {
+                    Life::Running { ready_at, .. } => Some(ready_at),
+                    _ => None,
+                };
+                let deadline = now + t.stop_timeout;
+                let (then, mut actions) = match e {
+                    Event::Stopping => (Then::Restart, vec![]),
+                    Event::WatchdogTrigger => {
+                        tracing::warn!("instance {name} asked for its watchdog to fire: SIGABRT");
+                        (Then::Restart, vec![Action::Signal(pid, Signal::SIGABRT)])
+                    }
+                    Event::Stop(Then::RestartNow) => {
+                        (Then::RestartNow, vec![Action::CreateHandoverFlag, Action::Signal(pid, Signal::SIGTERM)])
+                    }
+                    Event::Stop(then) => (then, vec![Action::RemoveHandoverFlag, Action::Signal(pid, Signal::SIGTERM)]),
+                    _ => unreachable!("matched above"),
+                };
+                if ready_at.is_none() && then != Then::Stay {
+                    actions.push(Action::NotReady("it stopped before READY=1".into()));
+                }
+                self.life = stopping(pid, since, ready_at, then, deadline);
+                actions
+            }
+
+            (Life::Stopping { pid, since, ready_at, then, deadline, killed }, Event::Stop(new)) => {
+                // Never a second SIGTERM (it would abort the drain): only what comes after
+                // the exit changes. Once for good, always for good.
+                let then = if then == Then::Stay { Then::Stay } else { new };
+                self.life = Life::Stopping { pid, since, ready_at, then, deadline, killed };
+                match then {
+                    Then::RestartNow => vec![Action::CreateHandoverFlag],
+                    Then::Stay | Then::Restart => vec![Action::RemoveHandoverFlag],
+                }
+            }
+            (Life::Stopping { pid, .. }, Event::WatchdogTrigger) => {
+                tracing::warn!("instance {name} asked for its watchdog to fire: SIGABRT");
+                vec![Action::Signal(pid, Signal::SIGABRT)]
+            }
+            (Life::Stopping { pid, since, ready_at, then, deadline, killed: false }, Event::Tick)
+                if deadline <= now =>
+            {
+                tracing::warn!("instance {name} did not stop within {:?}: SIGKILL", t.stop_timeout);
+                self.life = Life::Stopping { pid, since, ready_at, then, deadline, killed: true };
+                vec![Action::Signal(pid, Signal::SIGKILL)]
+            }
+            (Life::Stopping { pid, ready_at, then, .. }, Event::Exited { how, clean }) => match then {
+                Then::Stay => {
+                    tracing::info!("instance {name} (pid {pid}) {how}");
+                    self.life = Life::Stopped;
+                    vec![Action::RemoveHandoverFlag, Action::DropStore]
+                }
+                Then::RestartNow => {
+                    tracing::info!("instance {name} (pid {pid}) {how}; starting it again");
+                    self.life = Life::Waiting { until: now };
+                    vec![Action::RemoveHandoverFlag]
+                }
+                Then::Restart => {
+                    self.crashed(pid, ready_at, &how, clean, now, t);
+                    vec![Action::RemoveHandoverFlag]
+                }
+            },
+            _ => vec![],
+        }
+    }
+
+    /// An unplanned end: count it and wait the backed-off delay.
+    fn crashed(&mut self, pid: Pid, ready_at: Option<Instant>, how: &str, clean: bool, now: Instant, t: &Timing) {
+        let stable = ready_at.is_some_and(|r| now - r >= STABLE_AFTER);
+        self.crashes = if stable { 1 } else { self.crashes + 1 };
+        self.restarts += 1;
+        let delay = backoff(t.restart_delay, t.restart_max_delay, self.crashes);
+        let why = if clean { "" } else { " (unexpected)" };
+        tracing::warn!("instance {} (pid {pid}) {how}{why}; restarting in {delay:?}", self.name);
+        self.life = Life::Waiting { until: now + delay };
+    }
+}
+
+fn stopping(pid: Pid, since: Instant, ready_at: Option<Instant>, then: Then, deadline: Instant) -> Life {
+    Life::Stopping { pid, since, ready_at, then, deadline, killed: false }
+}
+
+/// The restart delay after the `crashes`-th death in a row: the spec's delay first, then
+/// doubling up to the ceiling.
+pub fn backoff(delay: Duration, max: Duration, crashes: u32) -> Duration {
+    if crashes <= 1 {
+        return delay;
+    }
+    let step = delay.max(MIN_BACKOFF_STEP);
+    step.saturating_mul(1 << (crashes - 1).min(20)).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn timing() -> Timing {
+        Timing {
+            start_timeout: 90_000 * MS,
+            stop_timeout: 30_000 * MS,
+            watchdog: Some(1_000 * MS),
+            restart_delay: 100 * MS,
+            restart_max_delay: 2_000 * MS,
+        }
+    }
+
+    /// An instance started at `t0` as pid 42 that sent READY=1 at once.
+    fn running(t0: Instant) -> Machine {
+        let mut m = Machine::new("1", t0);
+        assert_eq!(m.handle(Event::Tick, t0, &timing()), [Action::Spawn]);
+        assert!(m.handle(Event::Spawned(Pid::from_raw(42)), t0, &timing()).is_empty());
+        assert_eq!(m.state_name(), "starting");
+        assert_eq!(m.handle(Event::Ready, t0, &timing()), [Action::Ready]);
+        m
+    }
+
+    fn exited(status: i32) -> Event {
+        Event::Exited { how: format!("exited with status {status}"), clean: status == 0 }
+    }
+
+    const PID: Pid = Pid::from_raw(42);
+
+    #[test]
+    fn backoff_doubles_up_to_the_ceiling() {
+        let (d, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        let steps: Vec<u128> = (1..=7).map(|n| backoff(d, max, n).as_millis()).collect();
+        assert_eq!(steps, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(backoff(Duration::ZERO, max, 1), Duration::ZERO);
+        assert_eq!(backoff(Duration::ZERO, max, 2), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_waiting_instance_starts_when_due() {
+        let t0 = Instant::now();
+        let mut m = Machine::new("1", t0 + 10 * MS);
+        assert!(m.handle(Event::Tick, t0, &timing()).is_empty(), "not yet");
+        assert_eq!(m.next_deadline(&timing()), Some(t0 + 10 * MS));
+        assert_eq!(m.handle(Event::Tick, t0 + 10 * MS, &timing()), [Action::Spawn]);
+        m.handle(Event::Spawned(PID), t0 + 10 * MS, &timing());
+        assert_eq!(m.life, Life::Starting { pid: PID, since: t0 + 10 * MS });
+        assert_eq!(m.next_deadline(&timing()), Some(t0 + 10 * MS + timing().start_timeout));
+    }
+
+    #[test]
+    fn crashes_back_off_and_a_stable_run_resets_the_delay() {
+        let t0 = Instant::now();
+        let mut m = running(t0);
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            now += 10 * MS;
+            assert!(m.handle(exited(3), now, &timing()).is_empty());
+            let Life::Waiting { until } = m.life else { panic!("{:?}", m.life) };
+            delays.push((until - now).as_millis());
+            now = until;
+            assert_eq!(m.handle(Event::Tick, now, &timing()), [Action::Spawn]);
+            m.handle(Event::Spawned(PID), now, &timing());
+            m.handle(Event::Ready, now, &timing());
+        }
+        assert_eq!(delays, [100, 200, 400, 800, 1600]);
+        assert_eq!(m.restarts, 5);
+        // Up for longer than STABLE_AFTER after READY=1: the next crash is a first one.
+        now += STABLE_AFTER;
+        m.handle(exited(3), now, &timing());
+        assert_eq!(m.life, Life::Waiting { until: now + 100 * MS });
+        assert_eq!(m.restarts, 6);
+    }
+
+    #[test]
+    fn a_spawn_failure_waits_and_counts() {
+        let t0 = Instant::now();
+        let mut m = Machine::new("1", t0);
+        let actions = m.handle(Event::SpawnFailed("ENOENT".into()), t0, &timing());
+        assert_eq!(actions, [Action::NotReady("cannot start it: ENOENT".into())]);
+        assert_eq!(m.life, Life::Waiting { until: t0 + 100 * MS });
+    }
+
+    #[test]
+    fn death_before_ready_is_not_ready() {
+        let t0 = Instant::now();
+        let mut m = Machine::new("1", t0);
+        m.handle(Event::Spawned(PID), t0, &timing());
+        let actions = m.handle(exited(1), t0, &timing());
+        assert_eq!(actions, [Action::NotReady("exited with status 1".into())]);
+        assert_eq!(m.restarts, 1);
+        assert_eq!(m.state_name(), "restarting");
+    }
+
+    #[test]
+    fn the_start_timeout_stops_a_silent_process() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = Machine::new("1", t0);
+        m.handle(Event::Spawned(PID), t0, &t);
+        assert!(m.handle(Event::Tick, t0 + t.start_timeout - MS, &t).is_empty());
+        let actions = m.handle(Event::Tick, t0 + t.start_timeout, &t);
+        assert_eq!(
+            actions,
+            [
+                Action::Signal(PID, Signal::SIGTERM),
+                Action::NotReady(format!("sent no READY=1 within {:?}", t.start_timeout))
+            ]
+        );
+        assert!(matches!(m.life, Life::Stopping { then: Then::Restart, killed: false, .. }));
+    }
+
+    #[test]
+    fn the_watchdog_aborts_a_silent_worker() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = running(t0);
+        m.handle(Event::Ping, t0 + 900 * MS, &t);
+        assert!(m.handle(Event::Tick, t0 + 1_000 * MS, &t).is_empty(), "the ping moved the deadline");
+        assert_eq!(m.next_deadline(&t), Some(t0 + 1_900 * MS));
+        assert_eq!(m.handle(Event::Tick, t0 + 1_900 * MS, &t), [Action::Signal(PID, Signal::SIGABRT)]);
+        assert!(matches!(m.life, Life::Stopping { then: Then::Restart, .. }));
+        let actions =
+            m.handle(Event::Exited { how: "was killed by SIGABRT".into(), clean: false }, t0 + 2_000 * MS, &t);
+        assert_eq!(actions, [Action::RemoveHandoverFlag]);
+        assert_eq!(m.restarts, 1, "a watchdog kill is a crash");
+        // Without a watchdog, a running worker has no deadline.
+        let quiet = Timing { watchdog: None, ..t };
+        assert_eq!(running(t0).next_deadline(&quiet), None);
+    }
+
+    #[test]
+    fn a_worker_that_does_not_stop_is_killed_once() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = running(t0);
+        m.handle(Event::Stop(Then::Stay), t0, &t);
+        assert!(m.handle(Event::Tick, t0 + t.stop_timeout - MS, &t).is_empty());
+        assert_eq!(m.handle(Event::Tick, t0 + t.stop_timeout, &t), [Action::Signal(PID, Signal::SIGKILL)]);
+        assert!(m.handle(Event::Tick, t0 + t.stop_timeout * 2, &t).is_empty(), "one SIGKILL");
+        assert_eq!(m.next_deadline(&t), None);
+    }
+
+    #[test]
+    fn a_planned_restart_hands_over_and_keeps_the_store() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = running(t0);
+        let actions = m.handle(Event::Stop(Then::RestartNow), t0, &t);
+        assert_eq!(actions, [Action::CreateHandoverFlag, Action::Signal(PID, Signal::SIGTERM)]);
+        assert_eq!(m.state_name(), "stopping");
+        // Its own STOPPING=1 changes nothing.
+        assert!(m.handle(Event::Stopping, t0, &t).is_empty());
+        let actions = m.handle(exited(0), t0 + MS, &t);
+        assert_eq!(actions, [Action::RemoveHandoverFlag], "no DropStore");
+        assert_eq!(m.life, Life::Waiting { until: t0 + MS });
+        assert_eq!(m.restarts, 0, "a planned restart is no crash");
+    }
+
+    #[test]
+    fn a_stop_for_good_drops_the_store() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = running(t0);
+        let actions = m.handle(Event::Stop(Then::Stay), t0, &t);
+        assert_eq!(actions, [Action::RemoveHandoverFlag, Action::Signal(PID, Signal::SIGTERM)]);
+        assert!(m.stays_stopped());
+        assert_eq!(m.handle(exited(0), t0, &t), [Action::RemoveHandoverFlag, Action::DropStore]);
+        assert_eq!(m.life, Life::Stopped);
+        // A waiting instance stops at once.
+        let mut w = Machine::new("2", t0 + MS);
+        assert_eq!(w.handle(Event::Stop(Then::Stay), t0, &t), [Action::RemoveHandoverFlag, Action::DropStore]);
+        assert_eq!(w.life, Life::Stopped);
+        assert!(w.handle(Event::Tick, t0 + MS, &t).is_empty(), "and stays so");
+    }
+
+    #[test]
+    fn never_a_second_sigterm() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = running(t0);
+        m.handle(Event::Stop(Then::RestartNow), t0, &t);
+        // Scale-down (or shutdown) while it drains for a restart: only the aftermath changes.
+        assert_eq!(m.handle(Event::Stop(Then::Stay), t0 + MS, &t), [Action::RemoveHandoverFlag]);
+        // Once for good, a restart request does not bring it back.
+        assert_eq!(m.handle(Event::Stop(Then::RestartNow), t0 + MS, &t), [Action::RemoveHandoverFlag]);
+        let Life::Stopping { deadline, then, .. } = m.life else { panic!() };
+        assert_eq!((deadline, then), (t0 + t.stop_timeout, Then::Stay), "the first stop's deadline holds");
+        assert_eq!(m.handle(exited(0), t0 + 2 * MS, &t), [Action::RemoveHandoverFlag, Action::DropStore]);
+    }
+
+    #[test]
+    fn exits_of_other_states_and_stray_events_do_nothing() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = Machine::new("1", t0);
+        assert!(m.handle(Event::Ready, t0, &t).is_empty());
+        assert!(m.handle(exited(0), t0, &t).is_empty());
+        let mut r = running(t0);
+        assert!(r.handle(Event::Ready, t0, &t).is_empty(), "READY=1 twice is no second Ready");
+        assert!(r.handle(Event::Spawned(Pid::from_raw(7)), t0, &t).is_empty());
+        assert_eq!(r.pid(), Some(PID));
+    }
+
+    #[test]
+    fn stopping_before_ready_is_not_ready() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = Machine::new("1", t0);
+        m.handle(Event::Spawned(PID), t0, &t);
+        let actions = m.handle(Event::WatchdogTrigger, t0, &t);
+        assert_eq!(
+            actions,
+            [Action::Signal(PID, Signal::SIGABRT), Action::NotReady("it stopped before READY=1".into())]
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! A rolling restart: every instance that runs, one at a time, each new process ready
+//! before the next instance goes; it stops at the first one that does not come back.
+
+use std::collections::VecDeque;
+
+/// What the supervisor does next for a roll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RollStep {
+    /// Restart this instance (planned: it gets the hand-over flag).
+    Restart(String),
+    /// Every instance came back ready.
+    Done {
+        /// How many were restarted.
+        restarted: usize,
+    },
+    /// An instance did not come back ready; the rest keep their old processes.
+    Failed {
+        /// For people, naming the instance.
+        message: String,
+    },
+}
+
+/// The instances still to restart and the one under way.
+#[derive(Debug, Clone)]
+pub struct Roll {
+    queue: VecDeque<String>,
+    current: Option<String>,
+    restarted: usize,
+}
+
+impl Roll {
+    /// A roll over `instances` (the ones that run), in order; call [`Roll::advance`] first.
+    pub fn new(instances: Vec<String>) -> Self {
+        Self { queue: instances.into(), current: None, restarted: 0 }
+    }
+
+    /// The instance being restarted.
+    pub fn current(&self) -> Option<&str> {
+        self.current.as_deref()
+    }
+
+    /// The next instance to restart, skipping those that no longer run (scaled down,
+    /// crashed meanwhile), or the end.
+    pub fn advance(&mut self, is_running: impl Fn(&str) -> bool) -> RollStep {
+        self.current = None;
+        while let Some(name) = self.queue.pop_front() {
+            if is_running(&name) {
+                self.current = Some(name.clone());
+                return RollStep::Restart(name);
+            }
+        }
+        RollStep::Done { restarted: self.restarted }
+    }
+
+    /// Instance `name`'s new process sent `READY=1`.
+    pub fn ready(&mut self, name: &str, is_running: impl Fn(&str) -> bool) -> Option<RollStep> {
+        (self.current.as_deref() == Some(name)).then(|| {
+            self.restarted += 1;
+            self.advance(is_running)
+        })
+    }
+
+    /// Instance `name`'s new process ended or timed out before `READY=1`: the roll stops.
+    pub fn not_ready(&mut self, name: &str, why: &str) -> Option<RollStep> {
+        (self.current.as_deref() == Some(name)).then(|| {
+            self.current = None;
+            let left = std::mem::take(&mut self.queue).len();
+            RollStep::Failed {
+                message: format!(
+                    "instance {name} did not come back ready: {why}; {left} instances still run the old version"
+                ),
+            }
+        })
+    }
+
+    /// Instance `name` stays stopped (scaled down, shutdown) or is gone: skip it.
+    pub fn gone(&mut self, name: &str, is_running: impl Fn(&str) -> bool) -> Option<RollStep> {
+        (self.current.as_deref() == Some(name)).then(|| self.advance(is_running))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (1..=n).map(|i| i.to_string()).collect()
+    }
+
+    #[test]
+    fn one_at_a_time_each_ready_before_the_next() {
+        let mut roll = Roll::new(names(3));
+        assert_eq!(roll.advance(|_| true), RollStep::Restart("1".into()));
+        assert_eq!(roll.ready("2", |_| true), None, "only the current instance counts");
+        assert_eq!(roll.ready("1", |_| true), Some(RollStep::Restart("2".into())));
+        assert_eq!(roll.ready("2", |_| true), Some(RollStep::Restart("3".into())));
+        assert_eq!(roll.ready("3", |_| true), Some(RollStep::Done { restarted: 3 }));
+        assert_eq!(roll.current(), None);
+    }
+
+    #[test]
+    fn it_stops_at_the_first_instance_that_does_not_come_back() {
+        let mut roll = Roll::new(names(4));
+        roll.advance(|_| true);
+        roll.ready("1", |_| true);
+        assert_eq!(roll.not_ready("3", "exited with status 1"), None);
+        let step = roll.not_ready("2", "exited with status 1");
+        assert_eq!(
+            step,
+            Some(RollStep::Failed {
+                message:
+                    "instance 2 did not come back ready: exited with status 1; 2 instances still run the old version"
+                        .into()
+            })
+        );
+        assert_eq!(roll.current(), None);
+        assert_eq!(roll.advance(|_| true), RollStep::Done { restarted: 1 }, "nothing left to restart");
+    }
+
+    #[test]
+    fn instances_that_no_longer_run_are_skipped() {
+        let mut roll = Roll::new(names(3));
+        assert_eq!(roll.advance(|n| n != "1"), RollStep::Restart("2".into()));
+        assert_eq!(roll.gone("2", |n| n == "3"), Some(RollStep::Restart("3".into())));
+        assert_eq!(roll.ready("3", |_| true), Some(RollStep::Done { restarted: 1 }));
+        assert_eq!(Roll::new(vec![]).advance(|_| true), RollStep::Done { restarted: 0 });
+    }
+}
