@@ -402,7 +402,7 @@ fn run_step(sdbox: &SdBox, name: &str, step: &Step) {
         let (fresh, kept) = load.stop();
         let line = format!(
             "docs/runbooks/{name}:{}: the block took {} ms; fresh connections: {} ok, {} refused, {} failed; \
-             keep-alive: {} ok, {} refused, {} failed, {} closed while idle (sent again); failures: {:?} {:?}",
+             keep-alive: {} ok, {} refused, {} failed ({} on connections closed unannounced), {} reconnects after Connection: close; failures: {:?} {:?}",
             step.line,
             outcome.elapsed.as_millis(),
             fresh.ok,
@@ -411,7 +411,8 @@ fn run_step(sdbox: &SdBox, name: &str, step: &Step) {
             kept.ok,
             kept.refused,
             kept.failed,
-            kept.retried,
+            kept.closed_unannounced,
+            kept.reconnects,
             fresh.samples,
             kept.samples,
         );

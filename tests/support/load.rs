@@ -75,10 +75,6 @@ pub struct LoadReport {
     /// Anything else: reset, closed before the answer (also on a kept-alive connection),
     /// timeout, a non-200 status.
     pub failed: u64,
-    /// Always 0: the clients never send a request again. Kept so that older callers build;
-    /// what it used to count (a kept-alive connection closed under the client) is in
-    /// `failed` and `closed_unannounced`.
-    pub retried: u64,
     /// POSTs (with a body sent after the headers) among `ok`.
     pub posts: u64,
     /// Connections opened by keep-alive clients after the server announced a close: the
@@ -321,7 +317,6 @@ impl Load {
             ok: c.ok.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
-            retried: 0,
             posts: c.posts.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
             closed_announced: c.closed_announced.load(Ordering::Relaxed),
@@ -668,7 +663,6 @@ mod tests {
         let report = run(addr, 4, 100);
         eprintln!("{}", report.summary());
         assert!(report.failed > 0 && report.closed_unannounced > 0, "{report:?}");
-        assert_eq!(report.retried, 0);
         assert_eq!(report.reconnects, 0, "an unannounced close is no reconnect: {report:?}");
         assert!(report.samples.iter().any(|s| s.contains("kept-alive connection")), "{:?}", report.samples);
         // A client goes on on a new connection after the failure.
