@@ -3,7 +3,7 @@
 //! restarts and scale changes, and their connections survive a restart (the same local port
 //! before and after: handed over, not reconnected). What a `kill -9` costs is measured.
 //!
-//! The same under a real systemd is in tests/manager.rs and tests/package.rs.
+//! The same under a real systemd is in tests/manager_systemd.rs and tests/package.rs.
 
 use std::collections::BTreeSet;
 use std::process::Command;

@@ -173,7 +173,14 @@ fn three_workers_share_one_port_and_the_load() {
     assert_eq!(lines.len(), 5, "a title, a header and 3 rows:\n{table}");
     assert!(lines[0].starts_with("spread (sdcluster run)"), "{table}");
     let header: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(header, ["INSTANCE", "PID", "STATE", "UPTIME", "RESTARTS", "MEMORY", "CPU", "STATUS"], "{table}");
+    assert_eq!(
+        header,
+        [
+            "INSTANCE", "PID", "STATE", "UPTIME", "RESTARTS", "MEMORY", "CPU", "REQS", "REQ/S", "CONNS", "LAST",
+            "EXIT", "STATUS"
+        ],
+        "{table}"
+    );
     for (row, instance) in lines[2..].iter().zip(&status.instances) {
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells[0], instance.instance, "{table}");
@@ -711,7 +718,18 @@ fn a_rolling_restart_stops_at_an_instance_that_does_not_come_back() {
     let cluster = Cluster::start("badroll", &["--instances", "3", "--env", &env, "--restart-delay", "200ms"], &command);
     let before = pids_by_instance(&cluster.wait_running(3));
 
+    // A release that does not start at all fails in the canary: no instance is touched.
     std::fs::write(&broken, "").expect("break the release");
+    let output = cluster.ctl(&["restart", "--rolling", cluster.name()]);
+    let stderr = stderr_of(&output);
+    assert!(!output.status.success(), "the failed roll succeeded: {stderr}");
+    assert!(stderr.contains("the release does not start: the canary"), "{stderr}");
+    assert!(stderr.contains("no instance was restarted, 3 keep their old processes"), "{stderr}");
+    let status = cluster.wait_until("the canary gone", |s| (s.instances.len() == 3).then(|| s.clone()));
+    assert_eq!(pids_by_instance(&status), before, "{status:?}");
+
+    // One that starts as the canary but not as instance 1: the roll stops at instance 1.
+    std::fs::write(&broken, "1\n").expect("break instance 1");
     let output = cluster.ctl(&["restart", "--rolling", cluster.name()]);
     let stderr = stderr_of(&output);
     assert!(!output.status.success(), "the failed roll succeeded: {stderr}");

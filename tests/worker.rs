@@ -13,6 +13,7 @@ use sdcluster_tests::http::{self, Connection, PeerState, Response};
 use sdcluster_tests::{NotifySocket, TestDir, Worker, WorkerCommand, net, wait_until};
 use sdcluster_worker::EXIT_BAD_INPUT;
 use sdcluster_worker::listen_fds::BALANCE_FD_NAME;
+use sdcluster_worker::metrics::METRICS_FD_NAME;
 
 /// Generous bound for a worker to start, answer, report or exit: only reached on failure.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -477,11 +478,14 @@ fn healthz_and_metrics_are_answered_for_every_app() {
     assert!(metrics.header("content-type").is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
     let text = metrics.text();
     for line in [
-        "sdcluster_http_requests_total{worker=\"ops\",status=\"200\"} 2\n",
-        "sdcluster_http_requests_total{worker=\"ops\",status=\"404\"} 1\n",
-        "sdcluster_http_requests_total{worker=\"ops\",status=\"405\"} 1\n",
-        "sdcluster_connections_open{worker=\"ops\"} 1\n",
-        "sdcluster_connections_accepted_total{worker=\"ops\"} 5\n",
+        "sdcluster_http_requests_total{instance=\"ops\",status=\"200\"} 2\n",
+        "sdcluster_http_requests_total{instance=\"ops\",status=\"404\"} 1\n",
+        "sdcluster_http_requests_total{instance=\"ops\",status=\"405\"} 1\n",
+        "sdcluster_connections_open{instance=\"ops\"} 1\n",
+        "sdcluster_connections_accepted_total{instance=\"ops\"} 5\n",
+        "sdcluster_app_http_requests_total{status=\"200\"} 2\n",
+        "sdcluster_app_connections_accepted_total 5\n",
+        "sdcluster_worker_starts_total{instance=\"ops\"} 1\n",
     ] {
         assert!(text.contains(line), "no {line:?} in:\n{text}");
     }
@@ -746,4 +750,99 @@ fn connections_beyond_the_store_capacity_are_closed_gracefully_instead() {
         "the store holds as many as it may: {:?}",
         stored.iter().map(|s| &s.0).collect::<Vec<_>>()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: any worker answers for the whole app
+
+/// The value of the one sample `series` (name and labels, exactly) in a scrape.
+fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Starts a worker named `name` on `listener`, counting into the metrics `table`.
+fn metered(name: &str, listener: &TcpListener, table: &OwnedFd, notify: &std::path::Path) -> Worker {
+    WorkerCommand::new()
+        .args(["--instance", name])
+        .notify_socket(notify)
+        .pass_fds(vec![net::dup(listener), net::dup(table)], Some(&format!("http:{METRICS_FD_NAME}")))
+        .spawn()
+}
+
+/// `promtool check metrics` accepts `text`; skipped (with a note) where promtool is missing,
+/// unless on CI.
+fn assert_promtool_accepts(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            return eprintln!(
+                "promtool not found ({e}): not checking the exposition format (apt-get install prometheus)"
+            );
+        }
+        Err(e) => panic!("promtool is needed on CI (apt-get install prometheus): {e}"),
+    };
+    child.stdin.take().expect("piped stdin").write_all(text.as_bytes()).expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}\non:\n{text}");
+}
+
+#[test]
+fn any_worker_answers_metrics_for_the_whole_app() {
+    let (_dir, mut notify) = notify_socket("metrics");
+    let notify_path = notify.path().to_owned();
+    let table = net::memfd(c"sdcluster-metrics");
+    // Each worker on a listener of its own, so that the test picks which one answers.
+    let (la, lb) = (net::listener(), net::listener());
+    let (a_addr, b_addr) = (net::addr_of(&la), net::addr_of(&lb));
+    let mut a = metered("a", &la, &table, &notify_path);
+    let _b = metered("b", &lb, &table, &notify_path);
+    notify.wait_for_nth("READY=1", 2, PATIENCE);
+    for (addr, n) in [(a_addr, 2), (b_addr, 1)] {
+        for _ in 0..n {
+            assert_eq!(http::get(addr, "/nowhere").status, 404);
+        }
+    }
+    // 404s only: the scrapes themselves (200s) do not change them.
+    let (from_a, from_b) = (http::get(a_addr, "/metrics").text(), http::get(b_addr, "/metrics").text());
+    for text in [&from_a, &from_b] {
+        assert_eq!(sample(text, "sdcluster_http_requests_total{instance=\"a\",status=\"404\"}"), Some(2), "{text}");
+        assert_eq!(sample(text, "sdcluster_http_requests_total{instance=\"b\",status=\"404\"}"), Some(1), "{text}");
+        assert_eq!(sample(text, "sdcluster_app_http_requests_total{status=\"404\"}"), Some(3), "{text}");
+        assert_eq!(sample(text, "sdcluster_app_instances"), Some(2), "{text}");
+        assert!(sample(text, "sdcluster_app_bytes_received_total").is_some_and(|n| n > 0), "{text}");
+        assert!(sample(text, "sdcluster_app_bytes_sent_total").is_some_and(|n| n > 0), "{text}");
+        assert!(text.contains("sdcluster_http_request_duration_seconds_bucket{instance=\"b\",le=\"+Inf\"}"));
+        assert!(text.contains("\nsdcluster_connections_queued{listener=\"127.0.0.1:"), "{text}");
+    }
+    assert_promtool_accepts(&from_b);
+
+    // A dies: its series go, its counts stay in the totals.
+    a.signal(libc::SIGKILL);
+    a.wait_exit(PATIENCE);
+    let gone = wait_until(PATIENCE, || {
+        let text = http::get(b_addr, "/metrics").text();
+        (!text.contains("instance=\"a\"")).then_some(text)
+    })
+    .expect("the dead instance's series disappear");
+    assert_eq!(sample(&gone, "sdcluster_app_http_requests_total{status=\"404\"}"), Some(3), "{gone}");
+    assert_eq!(sample(&gone, "sdcluster_app_instances"), Some(1), "{gone}");
+
+    // A new process of instance a goes on counting where the old one stopped.
+    let _a = metered("a", &la, &table, &notify_path);
+    notify.wait_for_nth("READY=1", 3, PATIENCE);
+    assert_eq!(http::get(a_addr, "/nowhere").status, 404);
+    let text = http::get(b_addr, "/metrics").text();
+    assert_eq!(sample(&text, "sdcluster_http_requests_total{instance=\"a\",status=\"404\"}"), Some(3), "{text}");
+    assert_eq!(sample(&text, "sdcluster_app_http_requests_total{status=\"404\"}"), Some(4), "{text}");
+    assert_eq!(sample(&text, "sdcluster_worker_starts_total{instance=\"a\"}"), Some(2), "{text}");
+    assert_eq!(sample(&text, "sdcluster_app_worker_starts_total"), Some(3), "{text}");
+    assert_promtool_accepts(&http::get(a_addr, "/metrics").text());
 }

@@ -7,6 +7,7 @@
 pub mod control;
 pub mod generator;
 pub mod install;
+pub mod logs;
 pub mod spec;
 pub mod status;
 pub mod supervisor;

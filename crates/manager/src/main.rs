@@ -65,13 +65,21 @@ enum Command {
     },
     /// Supervise the workers here, without systemd (laptops, containers, CI).
     Run(SpecArgs),
-    /// Show every instance: pid, state, uptime, restarts, memory, CPU, status line.
+    /// Show every instance: pid, state, uptime, restarts, memory, CPU, requests, request
+    /// rate, open connections, last exit, status line.
     Status {
         /// The app.
         app: String,
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// Print JSON instead of a table (one sample: no request rate).
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh the table in place until Ctrl-C (one table per interval when stdout is
+        /// not a terminal).
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch refreshes (500ms, 1s, 2s).
+        #[arg(long, default_value = "1s", value_parser = sdcluster_protocol::duration::parse, requires = "watch")]
+        interval: std::time::Duration,
     },
     /// Restart the instances one at a time, each after the previous one is ready again.
     Restart {
@@ -119,7 +127,9 @@ enum Command {
         #[arg(required_if_eq("kind", "man"))]
         dir: Option<PathBuf>,
     },
-    /// Show the logs of every unit of the app (journalctl).
+    /// Show the logs of every unit of the app, interleaved, each line starting with its
+    /// instance (APP@2) or unit (APP.socket): journalctl -u for APP.socket, APP.service,
+    /// APP@*.socket, APP@*.service and APP.target.
     Logs {
         /// The app.
         app: String,
@@ -167,7 +177,9 @@ impl TargetArgs {
 struct SpecArgs {
     /// APP.toml, or the name of an app in /etc/sdcluster.
     config: Option<String>,
-    /// App name (default: the config file's name, or "app").
+    /// App name (default: the config file's name, or "app"): 1-27 letters, digits, '_', '.'
+    /// or '-', starting with a letter or digit (its units are APP.socket, APP@N.service, ...,
+    /// its workers' user sdc-APP).
     #[arg(long)]
     name: Option<String>,
     /// Listen address, repeatable: HOST:PORT, [V6]:PORT, *:PORT, unix:/PATH.
@@ -262,6 +274,9 @@ impl SpecArgs {
     }
 }
 
+/// Between the two samples of a one-shot `sdcluster status` that give the request rate.
+const RATE_SAMPLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
@@ -345,15 +360,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async { Supervisor::bind(spec, dir)?.run().await })?;
         }
-        Command::Status { app, json } => {
-            let status = match control::request(&dir, &app, &control::ControlRequest::Status) {
-                Ok(answer) => answer.into_status().map_err(anyhow::Error::msg)?,
-                Err(not_running) => under_systemd(not_running, || systemd::status(&app))?,
+        Command::Status { app, json, watch, interval } => {
+            let fetch = || -> Result<sdcluster::status::ClusterStatus> {
+                Ok(match control::request(&dir, &app, &control::ControlRequest::Status) {
+                    Ok(answer) => answer.into_status().map_err(anyhow::Error::msg)?,
+                    Err(not_running) => under_systemd(not_running, || systemd::status(&app))?,
+                })
             };
+            if watch {
+                let title = format!("sdcluster status {app}");
+                sdcluster::status::watch(&title, interval, || fetch().map_err(|e| format!("{e:#}")))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut status = fetch()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{}", status.table());
+                if status.has_counters() {
+                    // A second sample a moment later gives the request rate.
+                    let before = status;
+                    let taken = std::time::Instant::now();
+                    std::thread::sleep(RATE_SAMPLE);
+                    status = fetch()?;
+                    status.add_rates(&before, taken.elapsed());
+                }
+                for line in status.table_lines(sdcluster::status::terminal_width()) {
+                    println!("{line}");
+                }
             }
         }
         Command::Restart { app, rolling: _ } => match control::request(&dir, &app, &control::ControlRequest::Restart) {
@@ -407,7 +440,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Logs { app, follow, lines } => {
-            return Err(systemd::logs(&app, follow, lines)).context("cannot run journalctl");
+            if !systemctl::booted() {
+                bail!(
+                    "systemd is not PID 1 here, so {app} logs nothing to the journal: under `sdcluster run` every worker logs to its standard error (the lines of a serving worker name it: `worker{{id=\"N\"}}`)"
+                );
+            }
+            let ok = sdcluster::logs::run(&app, follow, lines).context("cannot run journalctl")?;
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
     }
     Ok(ExitCode::SUCCESS)

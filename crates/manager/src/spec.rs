@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sdcluster_protocol::{ListenAddress, duration, handover};
+use sdcluster_protocol::{ListenAddress, duration};
 use serde::Deserialize;
 
 /// Where `sdcluster` looks for `APP.toml` by default.
@@ -63,10 +63,10 @@ impl Spec {
     /// timeout in the variables the reference worker reads (other programs ignore them).
     pub fn worker_environment(&self, instance: &str) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        env.push(("SDCLUSTER_INSTANCE".into(), instance.into()));
-        env.push(("SDCLUSTER_REQUIRE_SOCKET".into(), "1".into()));
-        env.push(("SDCLUSTER_DRAIN_TIMEOUT".into(), duration::to_systemd(self.drain_timeout())));
-        env.push((handover::FDSTORE_MAX_ENV.into(), self.handover_max.to_string()));
+        env.push((sdcluster_protocol::env::INSTANCE.into(), instance.into()));
+        env.push((sdcluster_protocol::env::REQUIRE_SOCKET.into(), "1".into()));
+        env.push((sdcluster_protocol::env::DRAIN_TIMEOUT.into(), duration::to_systemd(self.drain_timeout())));
+        env.push((sdcluster_protocol::env::FDSTORE_MAX.into(), self.handover_max.to_string()));
         env
     }
 }
@@ -368,7 +368,7 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
         Err(invalid(
             "name",
             format!(
-                "{name:?} can't name units: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, without a unit suffix (no '@', spaces or '/')"
+                "{name:?} can't name units: use 1-{MAX_NAME} letters, digits, '_', '.' or '-', starting with a letter or digit, without a unit suffix (no '@', spaces or '/')"
             ),
         ))
     }
@@ -482,9 +482,13 @@ mod tests {
         for good in ["app", "my-app_2", "api.v2"] {
             check_name(good).unwrap();
         }
-        for bad in ["", "a@b", "a b", "../x", "-x", "app.service", &"x".repeat(28)] {
+        check_name(&"x".repeat(MAX_NAME)).unwrap();
+        for bad in ["", "a@b", "a b", "../x", "-x", "app.service", &"x".repeat(MAX_NAME + 1)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
+        // The message says the limit the check applies.
+        let message = check_name(&"x".repeat(MAX_NAME + 1)).unwrap_err().to_string();
+        assert!(message.contains(&format!("1-{MAX_NAME} letters")), "{message}");
     }
 
     #[test]

@@ -5,13 +5,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use nix::time::{ClockId, clock_gettime};
 use sdcluster_protocol::ListenAddress;
+use sdcluster_protocol::metrics::MetricsTable;
 
 use crate::generator;
 use crate::install::{self, Change, InstallError};
 use crate::spec::{CONFIG_DIR, Instances, Spec};
-use crate::status::{ClusterStatus, InstanceStatus, process_usage};
+use crate::status::{ClusterStatus, Counters, InstanceStatus, LastExit, process_usage};
 use crate::systemctl::{SystemctlError, UnitState, booted, jobs, list_units, listening, show, systemctl};
 use crate::units::{UnitFile, listen_stream, unit_names};
 
@@ -56,11 +58,38 @@ pub enum OpsError {
         /// The instances left as they were, on the old version (with a leading phrase).
         left: String,
     },
+    /// The release did not come up in the canary: no worker was restarted.
+    #[error(transparent)]
+    CanaryFailed(Box<CanaryFailed>),
+}
+
+/// A rolling restart's canary did not become ready: no worker was restarted.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the release does not start: {unit}, started beside the workers before any of them was restarted, did not become ready (now {state}{why}); no worker was restarted, {kept} keep serving: see `sdcluster logs {app}`"
+)]
+pub struct CanaryFailed {
+    /// The app.
+    pub app: String,
+    /// The canary unit.
+    pub unit: String,
+    /// Its `ActiveState/SubState` before it was stopped.
+    pub state: String,
+    /// What `systemctl start` said, if it failed (with a leading ": ").
+    pub why: String,
+    /// The instances that keep their old processes.
+    pub kept: String,
 }
 
 fn unit(app: &str, instance: u32) -> String {
     format!("{app}@{instance}.service")
 }
+
+/// The instance a rolling restart starts first, beside the others, to see that the new
+/// release comes up at all before any worker is restarted: a worker that is restarted hands
+/// its kept-alive connections to its next process, and a next process that never comes up
+/// would leave them waiting.
+pub const CANARY: u32 = 0;
 
 /// Writes the units, reloads systemd and enables the socket, the target and the instances,
 /// as a package would. With a `root` other than `/`, only files are written and enabled
@@ -235,6 +264,7 @@ pub fn known_instances(app: &str) -> Result<Known, OpsError> {
     let loaded = list_units(&format!("{app}@*.service"))?
         .into_iter()
         .filter_map(|u| Some((u.name.strip_prefix(&prefix)?.strip_suffix(".service")?.parse().ok()?, u)))
+        .filter(|(k, _)| *k != CANARY)
         .collect();
     Ok(Known { wanted, loaded })
 }
@@ -326,6 +356,7 @@ fn persist_instances(app: &str, n: Instances) -> Result<(), OpsError> {
 pub fn rolling_restart(app: &str, mut progress: impl FnMut(&str)) -> Result<usize, OpsError> {
     require_booted()?;
     let instances: Vec<u32> = known_instances(app)?.restarted().into_iter().collect();
+    try_canary(app, &instances, &mut progress)?;
     for (done, &k) in instances.iter().enumerate() {
         let name = unit(app, k);
         progress(&name);
@@ -354,6 +385,39 @@ pub fn rolling_restart(app: &str, mut progress: impl FnMut(&str)) -> Result<usiz
     Ok(instances.len())
 }
 
+/// Starts [`CANARY`] on the current release and stops it again; an error, with every
+/// instance untouched, when it does not come up. In `balance = reuseport` mode there is no
+/// canary: its own socket would reset the connections queued on it when it stops.
+fn try_canary(app: &str, instances: &[u32], progress: &mut impl FnMut(&str)) -> Result<(), OpsError> {
+    let shared = show(&format!("{app}.socket"), &["LoadState"])?.get("LoadState").is_some_and(|s| s == "loaded");
+    if !shared || instances.is_empty() {
+        return Ok(());
+    }
+    let canary = unit(app, CANARY);
+    progress(&format!("{canary} (the new release, beside the running workers)"));
+    let started = systemctl(&["start", &canary]);
+    let p = show(&canary, &["ActiveState", "SubState"])?;
+    let get = |key: &str| p.get(key).map(String::as_str).unwrap_or("").to_owned();
+    let state = format!("{}/{}", get("ActiveState"), get("SubState"));
+    // A stop, not a restart: the canary closes what it accepted gracefully, hands nothing over.
+    let _ = systemctl(&["stop", &canary]);
+    let _ = systemctl(&["reset-failed", &canary]);
+    if started.is_ok() && state == "active/running" {
+        return Ok(());
+    }
+    Err(OpsError::CanaryFailed(Box::new(CanaryFailed {
+        app: app.into(),
+        unit: canary,
+        state,
+        why: match started {
+            Err(SystemctlError::Failed { stderr, .. }) => format!(": {}", stderr.lines().next().unwrap_or("")),
+            Err(e) => format!(": {e}"),
+            Ok(_) => String::new(),
+        },
+        kept: instances.iter().map(|&k| unit(app, k)).collect::<Vec<_>>().join(", "),
+    })))
+}
+
 /// The status view from `systemctl show` of every instance systemd wants or has running.
 pub fn status(app: &str) -> Result<ClusterStatus, OpsError> {
     let instances = known_instances(app)?.shown();
@@ -379,6 +443,9 @@ pub fn status(app: &str) -> Result<ClusterStatus, OpsError> {
                 "CPUUsageNSec",
                 "StatusText",
                 "ExecMainStartTimestampMonotonic",
+                "ExecMainCode",
+                "ExecMainStatus",
+                "Result",
             ],
         )?;
         let get = |key: &str| p.get(key).map(String::as_str).unwrap_or("");
@@ -395,28 +462,97 @@ pub fn status(app: &str) -> Result<ClusterStatus, OpsError> {
             memory_bytes: number("MemoryCurrent").or(rss),
             cpu_secs: number("CPUUsageNSec").map(|ns| ns as f64 / 1e9).or(cpu),
             status_text: get("StatusText").to_owned(),
+            requests: None,
+            request_rate: None,
+            open_connections: None,
+            last_exit: last_exit(get("ExecMainCode"), get("ExecMainStatus"), get("Result"))
+                .or_else(|| journal_last_exit(&unit(app, k))),
         });
     }
-    Ok(ClusterStatus { app: app.into(), supervisor: "systemd".into(), listen, instances: out })
+    let mut status = ClusterStatus { app: app.into(), supervisor: "systemd".into(), listen, instances: out };
+    // Readable by anyone (the workers' RuntimeDirectoryMode); absent for other programs.
+    let table = MetricsTable::open_existing(Path::new(&metrics_file(app))).ok();
+    status.fill_counters(&Counters::of_table(table.as_ref()));
+    Ok(status)
 }
 
-/// `journalctl` for every unit of the app, replacing this process (so `-f` behaves).
-pub fn logs(app: &str, follow: bool, lines: Option<u32>) -> std::io::Error {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new("journalctl");
-    for u in
-        [format!("{app}@*.service"), format!("{app}.socket"), format!("{app}-balance.socket"), format!("{app}.service")]
-    {
-        cmd.arg("-u").arg(u);
+/// The metrics table the app's workers share under systemd.
+pub fn metrics_file(app: &str) -> String {
+    format!("/run/sdcluster/{app}/metrics")
+}
+
+/// The last exit from `ExecMainCode` (`CLD_EXITED` 1, `CLD_KILLED` 2, `CLD_DUMPED` 3),
+/// `ExecMainStatus` (the status or the signal) and `Result` (`watchdog`, `timeout`, ...).
+/// systemd resets them when it starts the next process: a restarted instance has none here
+/// (see [`journal_last_exit`]).
+fn last_exit(code: &str, status: &str, result: &str) -> Option<LastExit> {
+    let kind = match code {
+        "1" => "exited",
+        "2" => "killed",
+        "3" => "dumped",
+        _ => return None,
+    };
+    Some(exit_of(kind, status.parse().ok()?)?.because(cause(result)))
+}
+
+/// An end as systemd words it: `exited`, `killed` or `dumped`, with the status or signal.
+fn exit_of(kind: &str, status: i32) -> Option<LastExit> {
+    let signal = || Signal::try_from(status).map_or_else(|_| format!("signal {status}"), |s| s.as_str().to_owned());
+    Some(match kind {
+        "exited" => LastExit::from_wait(Some(status), None, false),
+        "killed" => LastExit::from_wait(None, Some(&signal()), false),
+        "dumped" => LastExit::from_wait(None, Some(&signal()), true),
+        _ => return None,
+    })
+}
+
+/// A unit's `Result=` as a reason of its own, when it says more than the exit does.
+fn cause(result: &str) -> Option<&str> {
+    match result {
+        "" | "success" | "exit-code" | "signal" | "core-dump" => None,
+        other => Some(other),
     }
-    cmd.args(["-o", "short-precise"]);
-    if follow {
-        cmd.arg("-f");
+}
+
+/// systemd's journal message about a unit's process exit (`EXIT_CODE=`, `EXIT_STATUS=`).
+const PROCESS_EXIT_MESSAGE: &str = "98e322203f7a4ed290d09fe03c09fe15";
+/// systemd's journal message about a unit's failure (`UNIT_RESULT=`).
+const FAILURE_RESULT_MESSAGE: &str = "d9b373ed55a64feb8242e02dbe79a49c";
+/// systemd's journal message about a unit's clean stop.
+const SUCCESS_MESSAGE: &str = "7ad2d189f7e94e70a38c781354912448";
+
+/// The last exit of `unit` from the journal, for an instance systemd started again: the
+/// newest of its exit, failure and clean-stop messages. `None` when the journal is not
+/// readable (a user outside the `systemd-journal` group) or says nothing.
+fn journal_last_exit(unit: &str) -> Option<LastExit> {
+    let unit_match = format!("UNIT={unit}");
+    let ids = [PROCESS_EXIT_MESSAGE, FAILURE_RESULT_MESSAGE, SUCCESS_MESSAGE].map(|id| format!("MESSAGE_ID={id}"));
+    let mut args = vec!["--no-pager", "--quiet", "--output=json", "--lines=3", &unit_match];
+    args.extend(ids.iter().map(String::as_str));
+    let out = crate::systemctl::run("journalctl", &args).ok()?;
+    journal_exit(&out)
+}
+
+/// [`journal_last_exit`] of `journalctl -o json` lines, oldest first.
+fn journal_exit(json_lines: &str) -> Option<LastExit> {
+    let entries: Vec<serde_json::Value> = json_lines.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let field = |e: &serde_json::Value, name: &str| e.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    let exit = |e: &serde_json::Value| exit_of(&field(e, "EXIT_CODE")?, field(e, "EXIT_STATUS")?.parse().ok()?);
+    let newest = entries.last()?;
+    match field(newest, "MESSAGE_ID")?.as_str() {
+        SUCCESS_MESSAGE => Some(LastExit::from_wait(Some(0), None, false)),
+        PROCESS_EXIT_MESSAGE => exit(newest),
+        FAILURE_RESULT_MESSAGE => {
+            let result = field(newest, "UNIT_RESULT").unwrap_or_default();
+            let before = entries.iter().rev().nth(1);
+            let before = before.filter(|e| field(e, "MESSAGE_ID").as_deref() == Some(PROCESS_EXIT_MESSAGE));
+            match before.and_then(exit) {
+                Some(e) => Some(e.because(cause(&result))),
+                None => Some(LastExit { reason: result, code: None, signal: None }),
+            }
+        }
+        _ => None,
     }
-    if let Some(n) = lines {
-        cmd.arg(format!("--lines={n}"));
-    }
-    cmd.exec()
 }
 
 /// Job types after which the instance starts again at once, keeping its fd store: a
@@ -498,6 +634,25 @@ mod tests {
             })
             .collect();
         Known { wanted: wanted.iter().copied().collect(), loaded }
+    }
+
+    #[test]
+    fn last_exits_read_from_systemctl_and_the_journal() {
+        let shown = |code, status, result| last_exit(code, status, result).map(|e| e.to_string());
+        assert_eq!(shown("0", "0", "success"), None, "no exit since the start");
+        assert_eq!(shown("1", "3", "exit-code").as_deref(), Some("exited 3"));
+        assert_eq!(shown("2", "9", "signal").as_deref(), Some("killed by SIGKILL"));
+        assert_eq!(shown("3", "6", "watchdog").as_deref(), Some("watchdog"));
+        let entry = |id: &str, fields: &str| format!("{{\"MESSAGE_ID\":\"{id}\"{fields}}}");
+        let exit = entry(PROCESS_EXIT_MESSAGE, ",\"EXIT_CODE\":\"dumped\",\"EXIT_STATUS\":\"6\"");
+        let failed = entry(FAILURE_RESULT_MESSAGE, ",\"UNIT_RESULT\":\"watchdog\"");
+        let watchdog = journal_exit(&format!("{exit}\n{failed}\n")).unwrap();
+        assert_eq!((watchdog.to_string(), watchdog.signal.as_deref()), ("watchdog".into(), Some("SIGABRT")));
+        let killed = entry(PROCESS_EXIT_MESSAGE, ",\"EXIT_CODE\":\"killed\",\"EXIT_STATUS\":\"9\"");
+        assert_eq!(journal_exit(&killed).unwrap().to_string(), "killed by SIGKILL");
+        let clean = format!("{failed}\n{}", entry(SUCCESS_MESSAGE, ""));
+        assert_eq!(journal_exit(&clean).unwrap().to_string(), "exited 0");
+        assert_eq!(journal_exit(""), None);
     }
 
     #[test]

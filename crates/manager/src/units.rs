@@ -84,7 +84,7 @@ fn quote_arg(arg: &str) -> String {
 }
 
 /// Where the stop hook of app `name`'s instance `instance` (`%i` in a unit) says that the
-/// instance is restarting: the workers read the path from `SDCLUSTER_HANDOVER_FLAG`. A
+/// instance is restarting: the workers read the path from [`sdcluster_protocol::env::HANDOVER_FLAG`]. A
 /// directory of the app's own under `/run/sdcluster/APP` (the workers' preserved runtime
 /// directory in shared mode), made by the hook, which runs as root: the workers can read it,
 /// not write it.
@@ -118,8 +118,10 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
     vars.insert("target_after", if shared { one(sockets) } else { none() });
     let runtime_directory = format!("sdcluster/{name}");
     vars.insert("balance_file", if shared { one(format!("/run/{runtime_directory}/balance")) } else { none() });
-    vars.insert("runtime_preserve", if shared { one("yes".into()) } else { none() });
-    vars.insert("runtime_directory", if shared { one(runtime_directory) } else { none() });
+    // The metrics table is there in both modes: counters are per instance, whatever the socket.
+    vars.insert("metrics_file", one(format!("/run/{runtime_directory}/metrics")));
+    vars.insert("runtime_preserve", one("yes".into()));
+    vars.insert("runtime_directory", one(runtime_directory));
     vars.insert("command", one(spec.command.iter().map(|a| quote_arg(a)).collect::<Vec<_>>().join(" ")));
     vars.insert("drain_timeout", one(duration::to_systemd(spec.drain_timeout())));
     let handover = spec.handover_max > 0;
@@ -224,6 +226,22 @@ mod tests {
             assert!(worker.lines().any(|l| set(&l)), "{key} is not set in:\n{worker}");
         }
         assert!(worker.contains("\nEnvironment=SDCLUSTER_FDSTORE_MAX=4096\n"), "{worker}");
+    }
+
+    #[test]
+    fn the_template_sets_only_variables_of_the_contract() {
+        let names = |unit: &str| -> Vec<String> {
+            let vars = unit.lines().filter_map(|l| l.strip_prefix("Environment=")).filter_map(|v| v.split_once('='));
+            vars.map(|(k, _)| k.to_owned()).filter(|k| k.starts_with("SDCLUSTER_")).collect()
+        };
+        let mut seen = names(WORKER);
+        for toml in ["", "\nbalance = \"reuseport\"", "\nhandover-max = 0"] {
+            seen.extend(names(&worker_unit(&format!("name = \"web\"\ncommand = \"/usr/bin/w\"{toml}")).1));
+        }
+        assert!(seen.len() >= 7, "{seen:?}");
+        for name in seen {
+            assert!(sdcluster_protocol::env::ALL.contains(&name.as_str()), "{name} is not in sdcluster_protocol::env");
+        }
     }
 
     #[test]

@@ -9,12 +9,10 @@
 //! (`FDSTOREREMOVE=1`) and serves them as if it had accepted them. systemd and
 //! `sdcluster run` implement the same store (see systemd's `FILE_DESCRIPTOR_STORE.md`).
 
-/// Environment: a file whose existence, when the worker is asked to stop, means that the
-/// supervisor starts the instance again right away (a restart, not a stop): hand over.
-pub const HANDOVER_FLAG_ENV: &str = "SDCLUSTER_HANDOVER_FLAG";
-/// Environment: how many fds the supervisor keeps for the instance
-/// (`FileDescriptorStoreMax=`); 0 or unset turns hand-over off.
-pub const FDSTORE_MAX_ENV: &str = "SDCLUSTER_FDSTORE_MAX";
+/// Environment: the hand-over flag file ([`crate::env::HANDOVER_FLAG`]).
+pub const HANDOVER_FLAG_ENV: &str = crate::env::HANDOVER_FLAG;
+/// Environment: the fd store's size for the worker ([`crate::env::FDSTORE_MAX`]).
+pub const FDSTORE_MAX_ENV: &str = crate::env::FDSTORE_MAX;
 /// Environment set by systemd ≥ 254 itself to `FileDescriptorStoreMax=`.
 pub const SYSTEMD_FDSTORE_ENV: &str = "FDSTORE";
 

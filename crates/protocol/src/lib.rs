@@ -8,10 +8,13 @@
 pub mod address;
 pub mod balance;
 pub mod duration;
+pub mod env;
 pub mod handover;
 pub mod listen_fds;
+pub mod metrics;
 pub mod notify;
 
 pub use address::{AddressError, BindError, ListenAddress};
 pub use balance::{BalanceTable, Slot};
 pub use listen_fds::{Inherited, ListenFdsError, Listener, PassedFd};
+pub use metrics::{InstanceMetrics, InstanceSlot, MetricsTable};

@@ -416,6 +416,7 @@ mod tests {
         let fd = a.into_raw_fd();
         let err = PassedFd { fd, name: None }.into_listener().unwrap_err();
         assert!(err.to_string().contains("a stream socket that is not listening"), "{err}");
+        // SAFETY: `fd` came from `into_raw_fd` above and is owned by nothing else.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
 

@@ -32,7 +32,7 @@ use tokio::time::{Instant, Sleep};
 use crate::gate::Gate;
 use crate::handover::HandOver;
 use crate::ops::{App, Instrumented};
-use crate::stats::Rejected;
+use crate::stats::{Rejected, Stats};
 
 /// Where a connection stands, kept by the connection's I/O and by the service layer.
 pub(crate) struct ConnState {
@@ -282,6 +282,7 @@ struct Tracked {
     io: Stream,
     prefix: Bytes,
     state: Arc<ConnState>,
+    stats: Arc<Stats>,
 }
 
 impl AsyncRead for Tracked {
@@ -303,6 +304,7 @@ impl AsyncRead for Tracked {
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.state.bytes_arrived();
+            this.stats.bytes_in(buf.filled().len() - before);
         }
         polled
     }
@@ -310,14 +312,22 @@ impl AsyncRead for Tracked {
 
 impl AsyncWrite for Tracked {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.stats.bytes_out(n);
+        }
+        polled
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.stats.bytes_out(n);
+        }
+        polled
     }
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
@@ -448,7 +458,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
     let (mut io, mut prefix) = (stream, prefix);
     loop {
         let service = shared.service.for_connection(Arc::clone(&state));
-        let tracked = Tracked { io, prefix, state: Arc::clone(&state) };
+        let tracked = Tracked { io, prefix, state: Arc::clone(&state), stats: shared.gate.stats() };
         let mut conn = shared.http.serve_connection(TokioIo::new(tracked), service);
         let mut asked = None;
         let outcome = loop {

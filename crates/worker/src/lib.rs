@@ -52,6 +52,7 @@ pub use listeners::{Acquired, ListenError, acquire};
 pub use ops::{App, AppBody, Instrumented, OpsBody, ResponseBody, WORKER_HEADER};
 pub use options::Options;
 pub use sdcluster_protocol::listen_fds;
+pub use sdcluster_protocol::metrics;
 pub use serve::{DrainTimedOut, Server};
 pub use stats::Stats;
 
@@ -64,7 +65,7 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 /// variables from the environment so that children don't inherit them. Exits 0 after a clean
 /// drain, 1 when the drain timed out or serving failed, 2 on bad input.
 pub fn run<S: App>(opts: Options, app: S) -> ExitCode {
-    logging::init();
+    logging::init(&opts.instance.clone().unwrap_or_else(|| std::process::id().to_string()));
     raise_open_files_limit();
     // SAFETY: `run` is documented to be called before any other thread exists.
     let acquired = unsafe { listen_fds::take() }.map_err(ListenError::from).and_then(|passed| acquire(passed, &opts));

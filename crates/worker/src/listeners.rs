@@ -3,6 +3,7 @@
 use std::fs::File;
 
 use sdcluster_protocol::listen_fds::{BALANCE_FD_NAME, Inherited};
+use sdcluster_protocol::metrics::{METRICS_FD_NAME, METRICS_FILE_ENV};
 use sdcluster_protocol::{AddressError, BindError, ListenAddress, ListenFdsError, Listener};
 
 use crate::handover::{TakenOver, split_stored, take_over};
@@ -15,6 +16,9 @@ pub struct Acquired {
     pub listeners: Vec<Listener>,
     /// The shared table workers on one queue balance through (see `sdcluster_protocol::balance`).
     pub balance: Option<File>,
+    /// The shared table where every worker of the app keeps its counters
+    /// (see `sdcluster_protocol::metrics`).
+    pub metrics: Option<File>,
     /// Kept-alive connections the previous process of this instance handed over.
     pub taken_over: Vec<TakenOver>,
     /// Names of stored fds of ours that were unusable, to clear from the supervisor's store.
@@ -74,12 +78,14 @@ pub fn acquire(inherited: Inherited, opts: &Options) -> Result<Acquired, ListenE
     };
     let (passed, stored) = split_stored(passed);
     let (taken_over, stale) = take_over(stored);
-    let mut acquired = Acquired { listeners: Vec::new(), balance: None, taken_over, stale };
+    let mut acquired = Acquired { listeners: Vec::new(), balance: None, metrics: None, taken_over, stale };
     let mut names = Vec::new();
     for fd in passed {
         let name = fd.name.clone().unwrap_or_default();
         if name == BALANCE_FD_NAME {
             acquired.balance = Some(fd.into_file()?);
+        } else if name == METRICS_FD_NAME {
+            acquired.metrics = Some(fd.into_file()?);
         } else if opts.listener_names.is_empty() || opts.listener_names.contains(&name) {
             acquired.listeners.push(fd.into_listener()?);
         } else {
@@ -98,7 +104,28 @@ pub fn acquire(inherited: Inherited, opts: &Options) -> Result<Acquired, ListenE
             ),
         }
     }
+    if acquired.metrics.is_none() {
+        acquired.metrics = metrics_file(opts);
+    }
     Ok(acquired)
+}
+
+/// The file `--metrics-file` names, created if missing; `None` (and a warning) if it can't be.
+fn metrics_file(opts: &Options) -> Option<File> {
+    let path = opts.metrics_file.as_ref()?;
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| {
+            tracing::warn!(
+                "cannot open the metrics file {} ({e}): /metrics shows this worker only; check the unit's RuntimeDirectory= or unset {METRICS_FILE_ENV}",
+                path.display()
+            );
+        })
+        .ok()
 }
 
 fn bind_all(opts: &Options) -> Result<Acquired, ListenError> {
@@ -106,5 +133,5 @@ fn bind_all(opts: &Options) -> Result<Acquired, ListenError> {
     for addr in &opts.listen {
         listeners.push(addr.parse::<ListenAddress>()?.bind(opts.reuseport)?);
     }
-    Ok(Acquired { listeners, balance: None, taken_over: Vec::new(), stale: Vec::new() })
+    Ok(Acquired { listeners, balance: None, metrics: metrics_file(opts), taken_over: Vec::new(), stale: Vec::new() })
 }

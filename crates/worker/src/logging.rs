@@ -8,11 +8,17 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Installs the global subscriber; `RUST_LOG` filters (default `info`).
-pub fn init() {
+///
+/// In the journal every entry carries `SDCLUSTER_INSTANCE=` (`instance`: the unit's `%i`, or
+/// the process id), beside tracing-journald's own fields (`PRIORITY=`, `TARGET=`,
+/// `CODE_FILE=`, `CODE_LINE=`, `SYSLOG_IDENTIFIER=`, the span's `SPAN_NAME=` and event
+/// fields as `F_NAME=`), so that `journalctl SDCLUSTER_INSTANCE=2` selects one worker.
+pub fn init(instance: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
+            let journald = journald.with_custom_fields([(sdcluster_protocol::env::INSTANCE, instance)]);
             let _ = registry.with(journald).try_init();
             return;
         }

@@ -163,6 +163,7 @@ impl<S: App> Service<Request<Incoming>> for Instrumented<S> {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let connection = Arc::clone(self.connection.as_ref().expect("a service made for a connection"));
         connection.request_started();
+        let began = std::time::Instant::now();
         let worker = self.worker.clone();
         let stats = Arc::clone(&self.stats);
         let stamp = move |response: Response<OpsBody<S::Body>>, close: bool| {
@@ -174,7 +175,7 @@ impl<S: App> Service<Request<Incoming>> for Instrumented<S> {
             if says_close(&response) {
                 connection.announce_close();
             }
-            stats.answered(response.status().as_u16());
+            stats.answered(response.status().as_u16(), began.elapsed());
             response
         };
         let (head, body) = req.into_parts();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
 use nix::sys::socket::{SockFlag, accept4};
-use sdcluster_protocol::{BalanceTable, Listener};
+use sdcluster_protocol::{BalanceTable, Listener, MetricsTable};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
@@ -49,17 +49,25 @@ pub struct Server {
 
 impl Server {
     /// Prepares serving `acquired` with `opts`; fails only if a passed balance table can't
-    /// be mapped.
+    /// be mapped (a metrics table that can't is left out, with a warning: it costs only the
+    /// app-wide view, and a table of an older layout must not stop an upgraded worker).
     pub fn new(acquired: Acquired, opts: Options) -> io::Result<Self> {
         let instance = opts.instance.clone().unwrap_or_else(|| std::process::id().to_string());
         let balance = acquired.balance.as_ref().map(|f: &File| BalanceTable::open(f).map(Arc::new)).transpose()?;
+        let metrics = acquired.metrics.as_ref().and_then(|f: &File| match MetricsTable::open(f) {
+            Ok(table) => Some(Arc::new(table)),
+            Err(e) => {
+                tracing::warn!("cannot map the metrics table ({e}): /metrics shows this worker only");
+                None
+            }
+        });
         Ok(Self {
             listeners: acquired.listeners,
             balance,
             taken_over: acquired.taken_over,
             stale: acquired.stale,
             opts,
-            stats: Arc::new(Stats::new(instance)),
+            stats: Arc::new(Stats::in_table(instance, metrics)),
         })
     }
 
@@ -125,6 +133,9 @@ impl Server {
         }
 
         let serving = self.listeners.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        self.stats.watch_queues(&self.listeners);
+        // Not one of `tasks`: the instance stays live in the metrics table while it drains.
+        tokio::spawn(Arc::clone(&self.stats).keep_alive());
         let mut tasks = JoinSet::new();
         for listener in self.listeners {
             guard_against_blocking(&listener);
@@ -148,6 +159,7 @@ impl Server {
         shutdown.await;
         tasks.abort_all(); // stop accepting; our copies of the sockets close
         gate.leave_balance(); // peers stop counting on us at once
+        self.stats.draining();
         let open = self.stats.open();
         let handing_over = handover.wanted();
         let grace = self.opts.close_grace.min(self.opts.drain_timeout);

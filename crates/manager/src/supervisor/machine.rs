@@ -144,12 +144,15 @@ pub struct Machine {
     pub restarts: u32,
     /// Deaths in a row (the backoff's exponent).
     pub crashes: u32,
+    /// Why the supervisor is ending the current process, if it is (`watchdog`,
+    /// `start-timeout`, `stop-timeout`): the reason `sdcluster status` shows for its exit.
+    pub stop_cause: Option<&'static str>,
 }
 
 impl Machine {
     /// A new instance, to be started at `now`.
     pub fn new(name: impl Into<String>, now: Instant) -> Self {
-        Self { name: name.into(), life: Life::Waiting { until: now }, restarts: 0, crashes: 0 }
+        Self { name: name.into(), life: Life::Waiting { until: now }, restarts: 0, crashes: 0, stop_cause: None }
     }
 
     /// The main process, if there is one.
@@ -206,6 +209,7 @@ impl Machine {
         match (self.life.clone(), event) {
             (Life::Waiting { until }, Event::Tick) if until <= now => vec![Action::Spawn],
             (Life::Waiting { .. }, Event::Spawned(pid)) => {
+                self.stop_cause = None;
                 self.life = Life::Starting { pid, since: now };
                 vec![]
             }
@@ -229,6 +233,7 @@ impl Machine {
             (Life::Starting { pid, since }, Event::Tick) if since + t.start_timeout <= now => {
                 tracing::warn!("instance {name} sent no READY=1 within {:?}: stopping it", t.start_timeout);
                 self.life = stopping(pid, since, None, Then::Restart, now + t.stop_timeout);
+                self.stop_cause = Some("start-timeout");
                 let why = format!("sent no READY=1 within {:?}", t.start_timeout);
                 vec![Action::Signal(pid, Signal::SIGTERM), Action::NotReady(why)]
             }
@@ -253,6 +258,7 @@ impl Machine {
                     t.watchdog.unwrap_or_default()
                 );
                 self.life = stopping(pid, since, Some(ready_at), Then::Restart, now + t.stop_timeout);
+                self.stop_cause = Some("watchdog");
                 vec![Action::Signal(pid, Signal::SIGABRT)]
             }
             (Life::Starting { pid, since }, e @ (Event::Stopping | Event::WatchdogTrigger | Event::Stop(_)))
@@ -266,6 +272,7 @@ impl Machine {
                     Event::Stopping => (Then::Restart, vec![]),
                     Event::WatchdogTrigger => {
                         tracing::warn!("instance {name} asked for its watchdog to fire: SIGABRT");
+                        self.stop_cause = Some("watchdog");
                         (Then::Restart, vec![Action::Signal(pid, Signal::SIGABRT)])
                     }
                     Event::Stop(Then::RestartNow) => {
@@ -293,6 +300,7 @@ impl Machine {
             }
             (Life::Stopping { pid, .. }, Event::WatchdogTrigger) => {
                 tracing::warn!("instance {name} asked for its watchdog to fire: SIGABRT");
+                self.stop_cause = Some("watchdog");
                 vec![Action::Signal(pid, Signal::SIGABRT)]
             }
             (Life::Stopping { pid, since, ready_at, then, deadline, killed: false }, Event::Tick)
@@ -300,6 +308,7 @@ impl Machine {
             {
                 tracing::warn!("instance {name} did not stop within {:?}: SIGKILL", t.stop_timeout);
                 self.life = Life::Stopping { pid, since, ready_at, then, deadline, killed: true };
+                self.stop_cause = self.stop_cause.or(Some("stop-timeout"));
                 vec![Action::Signal(pid, Signal::SIGKILL)]
             }
             (Life::Stopping { pid, ready_at, then, .. }, Event::Exited { how, clean }) => match then {
@@ -462,6 +471,7 @@ mod tests {
             ]
         );
         assert!(matches!(m.life, Life::Stopping { then: Then::Restart, killed: false, .. }));
+        assert_eq!(m.stop_cause, Some("start-timeout"), "what status shows for its exit");
     }
 
     #[test]
@@ -478,6 +488,10 @@ mod tests {
             m.handle(Event::Exited { how: "was killed by SIGABRT".into(), clean: false }, t0 + 2_000 * MS, &t);
         assert_eq!(actions, [Action::RemoveHandoverFlag]);
         assert_eq!(m.restarts, 1, "a watchdog kill is a crash");
+        assert_eq!(m.stop_cause, Some("watchdog"), "what status shows for its exit");
+        m.handle(Event::Tick, t0 + 3_000 * MS, &t);
+        m.handle(Event::Spawned(PID), t0 + 3_000 * MS, &t);
+        assert_eq!(m.stop_cause, None, "the next process is not being stopped");
         // Without a watchdog, a running worker has no deadline.
         let quiet = Timing { watchdog: None, ..t };
         assert_eq!(running(t0).next_deadline(&quiet), None);

@@ -25,6 +25,7 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, socko
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use sdcluster_protocol::listen_fds::BALANCE_FD_NAME;
+use sdcluster_protocol::metrics::{METRICS_FD_NAME, MetricsTable};
 use sdcluster_protocol::notify::Notification;
 use sdcluster_protocol::{BindError, Listener, balance, handover};
 use tokio::io::unix::AsyncFd;
@@ -35,12 +36,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use fdstore::FdStore;
 use machine::{Action, Event, Machine, Then, Timing};
-use roll::{Roll, RollStep};
+use roll::{CANARY, Roll, RollStep};
 use spawn::Launch;
 
 use crate::control::{self, ControlRequest, ControlResponse};
 use crate::spec::{Balance, Spec};
-use crate::status::{ClusterStatus, InstanceStatus, process_usage};
+use crate::status::{ClusterStatus, Counters, InstanceStatus, LastExit, process_usage};
 
 /// A worker that has not sent `READY=1` after this long is stopped and tried again; a
 /// rolling restart waits this long for each new process.
@@ -88,6 +89,8 @@ struct Instance {
     /// Its hand-over flag ([`handover::HANDOVER_FLAG_ENV`]).
     flag: PathBuf,
     status_text: String,
+    /// How its previous process ended, for `sdcluster status`.
+    last_exit: Option<LastExit>,
 }
 
 impl Instance {
@@ -109,6 +112,10 @@ pub struct Supervisor {
     timing: Timing,
     shared: Vec<Listener>,
     balance_table: Option<OwnedFd>,
+    /// The table every instance keeps its counters in (fd [`METRICS_FD_NAME`]), and this
+    /// process's mapping of it, for `status`.
+    metrics_table: OwnedFd,
+    metrics: MetricsTable,
     instances: Vec<Instance>,
     roll: Option<Roll>,
     roll_waiters: Vec<oneshot::Sender<ControlResponse>>,
@@ -134,6 +141,23 @@ impl Supervisor {
             }
             Balance::Reuseport => (Vec::new(), None),
         };
+        // In both modes: counters are per instance, whichever socket it serves.
+        // Sized here and sealed against shrinking: no worker can cut the table under the others'
+        // mappings (which would kill them with SIGBUS).
+        let metrics_table = nix::sys::memfd::memfd_create(
+            METRICS_FD_NAME,
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| io_err("cannot create the metrics table")(e.into()))?;
+        nix::unistd::ftruncate(&metrics_table, sdcluster_protocol::metrics::TABLE_BYTES as i64)
+            .map_err(|e| io_err("cannot size the metrics table")(e.into()))?;
+        nix::fcntl::fcntl(&metrics_table, nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK))
+            .map_err(|e| io_err("cannot seal the metrics table")(e.into()))?;
+        let metrics = metrics_table
+            .try_clone()
+            .map(std::fs::File::from)
+            .and_then(|file| MetricsTable::open(&file))
+            .map_err(io_err("cannot map the metrics table"))?;
         let timing = Timing {
             start_timeout: START_TIMEOUT,
             stop_timeout: spec.stop_timeout,
@@ -147,6 +171,8 @@ impl Supervisor {
             timing,
             shared,
             balance_table,
+            metrics_table,
+            metrics,
             instances: Vec::new(),
             roll: None,
             roll_waiters: Vec::new(),
@@ -156,10 +182,17 @@ impl Supervisor {
         Ok(supervisor)
     }
 
+    /// The table where every instance keeps its counters (`/metrics` of any worker renders
+    /// it): requests, connections, bytes, starts, by instance name, carried across restarts.
+    pub fn metrics(&self) -> &MetricsTable {
+        &self.metrics
+    }
+
     /// Adds instances up to `n`, or stops the ones above it; returns how many ran before.
     fn scale_to(&mut self, n: u32) -> Result<usize, SuperviseError> {
-        let live: Vec<usize> =
-            (0..self.instances.len()).filter(|&i| !self.instances[i].machine.stays_stopped()).collect();
+        let live: Vec<usize> = (0..self.instances.len())
+            .filter(|&i| !self.instances[i].machine.stays_stopped() && self.instances[i].name() != CANARY)
+            .collect();
         for &i in live.iter().skip(n as usize) {
             self.deliver(i, Event::Stop(Then::Stay));
         }
@@ -183,6 +216,7 @@ impl Supervisor {
         if let Some(table) = &self.balance_table {
             fds.push((table.as_raw_fd(), BALANCE_FD_NAME.to_owned()));
         }
+        fds.push((self.metrics_table.as_raw_fd(), METRICS_FD_NAME.to_owned()));
         let flag = control::handover_dir(&self.dir, &self.spec.name).join(&name);
         let mut env: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| {
@@ -204,6 +238,7 @@ impl Supervisor {
             store: FdStore::new(self.spec.handover_max as usize),
             flag,
             status_text: String::new(),
+            last_exit: None,
         })
     }
 
@@ -373,16 +408,24 @@ impl Supervisor {
     fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, format!("exited with status {code}"), code == 0),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => self.on_exit(pid, format!("was killed by {sig}"), false),
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    let last = LastExit::from_wait(Some(code), None, false);
+                    self.on_exit(pid, format!("exited with status {code}"), code == 0, last);
+                }
+                Ok(WaitStatus::Signaled(pid, sig, core)) => {
+                    let last = LastExit::from_wait(None, Some(sig.as_str()), core);
+                    self.on_exit(pid, format!("was killed by {sig}"), false, last);
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => {}
             }
         }
     }
 
-    fn on_exit(&mut self, pid: Pid, how: String, clean: bool) {
+    fn on_exit(&mut self, pid: Pid, how: String, clean: bool, last: LastExit) {
         let Some(idx) = self.instances.iter().position(|i| i.machine.pid() == Some(pid)) else { return };
+        let instance = &mut self.instances[idx];
+        instance.last_exit = Some(last.because(instance.machine.stop_cause));
         self.deliver(idx, Event::Exited { how, clean });
         if !self.shutting_down {
             // Dropping an instance closes what is left of its store and its own sockets.
@@ -497,8 +540,14 @@ impl Supervisor {
         if self.roll.is_some() {
             return; // already rolling: the new waiter is told when this roll ends
         }
-        let running = self.instances.iter().filter(|i| i.machine.is_running()).map(|i| i.name().to_owned()).collect();
-        let mut roll = Roll::new(running);
+        let running = self
+            .instances
+            .iter()
+            .filter(|i| i.machine.is_running() && i.name() != CANARY)
+            .map(|i| i.name().to_owned())
+            .collect();
+        // No canary in reuseport mode: its own socket would reset what queued on it.
+        let mut roll = Roll::new(running, self.spec.balance == Balance::Shared);
         let step = roll.advance(|n| is_running(&self.instances, n));
         self.roll = Some(roll);
         self.roll_step(Some(step));
@@ -507,6 +556,21 @@ impl Supervisor {
     fn roll_step(&mut self, step: Option<RollStep>) {
         match step {
             None => {}
+            Some(RollStep::StartCanary) => {
+                tracing::info!("rolling restart: a canary (instance {CANARY}) on the current release first");
+                match self.prepare(CANARY.to_owned()) {
+                    Ok(canary) => self.instances.push(canary),
+                    Err(e) => {
+                        let step = self.roll.as_mut().and_then(|r| r.not_ready(CANARY, &e.to_string()));
+                        self.roll_step(step);
+                    }
+                }
+            }
+            Some(RollStep::StopCanary) => {
+                self.stop_canary();
+                let step = self.roll.as_mut().map(|r| r.advance(|n| is_running(&self.instances, n)));
+                self.roll_step(step);
+            }
             Some(RollStep::Restart(name)) => {
                 tracing::info!("rolling restart: instance {name}");
                 if let Some(idx) = self.instances.iter().position(|i| i.name() == name) {
@@ -522,11 +586,19 @@ impl Supervisor {
             }
             Some(RollStep::Failed { message }) => {
                 self.roll = None;
+                self.stop_canary();
                 tracing::error!("rolling restart stopped: {message}");
                 for waiter in self.roll_waiters.drain(..) {
                     let _ = waiter.send(ControlResponse::error(message.clone()));
                 }
             }
+        }
+    }
+
+    /// Stops the canary, if one runs: a stop, so it closes what it accepted gracefully.
+    fn stop_canary(&mut self) {
+        if let Some(idx) = self.instances.iter().position(|i| i.name() == CANARY && !i.machine.stays_stopped()) {
+            self.deliver(idx, Event::Stop(Then::Stay));
         }
     }
 
@@ -553,7 +625,7 @@ impl Supervisor {
 
     /// The cluster as `sdcluster status` shows it.
     pub fn status(&self) -> ClusterStatus {
-        ClusterStatus {
+        let mut status = ClusterStatus {
             app: self.spec.name.clone(),
             supervisor: "sdcluster run".into(),
             listen: self.spec.listen.iter().map(ToString::to_string).collect(),
@@ -572,10 +644,21 @@ impl Supervisor {
                         memory_bytes,
                         cpu_secs,
                         status_text: i.status_text.clone(),
+                        requests: None,
+                        request_rate: None,
+                        open_connections: None,
+                        last_exit: i.last_exit.clone(),
                     }
                 })
                 .collect(),
-        }
+        };
+        status.fill_counters(&self.counters());
+        status
+    }
+
+    /// The workers' slots of the cluster's metrics table.
+    fn counters(&self) -> Vec<Counters> {
+        Counters::of_table(Some(self.metrics()))
     }
 }
 
@@ -600,8 +683,8 @@ fn receive(socket: &UnixDatagram) -> io::Result<(Pid, Notification, Vec<OwnedFd>
     for c in msg.cmsgs()? {
         match c {
             ControlMessageOwned::ScmCredentials(creds) => pid = Pid::from_raw(creds.pid()),
-            // SAFETY: the kernel just installed these fds in this process; nothing else owns them.
             ControlMessageOwned::ScmRights(raw) => {
+                // SAFETY: the kernel just installed these fds in this process; nothing else owns them.
                 fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
             }
             _ => {}

@@ -1,11 +1,24 @@
 //! A rolling restart: every instance that runs, one at a time, each new process ready
 //! before the next instance goes; it stops at the first one that does not come back.
+//!
+//! It begins with a canary: one extra instance ([`CANARY`]) started on the current release
+//! beside the others and stopped once it is ready. An instance that is restarted hands its
+//! kept-alive connections to its own next process; if that process never came up, its
+//! clients would wait. A release that does not start fails in the canary, and no instance is
+//! touched.
+
+/// The name of the canary instance (instances are numbered from 1).
+pub const CANARY: &str = "0";
 
 use std::collections::VecDeque;
 
 /// What the supervisor does next for a roll.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RollStep {
+    /// Start the canary instance.
+    StartCanary,
+    /// The canary is ready: stop it, then [`Roll::advance`].
+    StopCanary,
     /// Restart this instance (planned: it gets the hand-over flag).
     Restart(String),
     /// Every instance came back ready.
@@ -26,12 +39,16 @@ pub struct Roll {
     queue: VecDeque<String>,
     current: Option<String>,
     restarted: usize,
+    /// The canary is still to start.
+    canary: bool,
 }
 
 impl Roll {
-    /// A roll over `instances` (the ones that run), in order; call [`Roll::advance`] first.
-    pub fn new(instances: Vec<String>) -> Self {
-        Self { queue: instances.into(), current: None, restarted: 0 }
+    /// A roll over `instances` (the ones that run), in order, after a canary when `canary`;
+    /// call [`Roll::advance`] first.
+    pub fn new(instances: Vec<String>, canary: bool) -> Self {
+        let canary = canary && !instances.is_empty();
+        Self { queue: instances.into(), current: None, restarted: 0, canary }
     }
 
     /// The instance being restarted.
@@ -43,6 +60,10 @@ impl Roll {
     /// crashed meanwhile), or the end.
     pub fn advance(&mut self, is_running: impl Fn(&str) -> bool) -> RollStep {
         self.current = None;
+        if std::mem::take(&mut self.canary) {
+            self.current = Some(CANARY.to_owned());
+            return RollStep::StartCanary;
+        }
         while let Some(name) = self.queue.pop_front() {
             if is_running(&name) {
                 self.current = Some(name.clone());
@@ -55,6 +76,10 @@ impl Roll {
     /// Instance `name`'s new process sent `READY=1`.
     pub fn ready(&mut self, name: &str, is_running: impl Fn(&str) -> bool) -> Option<RollStep> {
         (self.current.as_deref() == Some(name)).then(|| {
+            if name == CANARY {
+                self.current = None;
+                return RollStep::StopCanary;
+            }
             self.restarted += 1;
             self.advance(is_running)
         })
@@ -65,6 +90,13 @@ impl Roll {
         (self.current.as_deref() == Some(name)).then(|| {
             self.current = None;
             let left = std::mem::take(&mut self.queue).len();
+            if name == CANARY {
+                return RollStep::Failed {
+                    message: format!(
+                        "the release does not start: the canary (instance {CANARY}, started beside the others before any was restarted) did not become ready: {why}; no instance was restarted, {left} keep their old processes"
+                    ),
+                };
+            }
             RollStep::Failed {
                 message: format!(
                     "instance {name} did not come back ready: {why}; {left} instances still run the old version"
@@ -89,7 +121,7 @@ mod tests {
 
     #[test]
     fn one_at_a_time_each_ready_before_the_next() {
-        let mut roll = Roll::new(names(3));
+        let mut roll = Roll::new(names(3), false);
         assert_eq!(roll.advance(|_| true), RollStep::Restart("1".into()));
         assert_eq!(roll.ready("2", |_| true), None, "only the current instance counts");
         assert_eq!(roll.ready("1", |_| true), Some(RollStep::Restart("2".into())));
@@ -100,7 +132,7 @@ mod tests {
 
     #[test]
     fn it_stops_at_the_first_instance_that_does_not_come_back() {
-        let mut roll = Roll::new(names(4));
+        let mut roll = Roll::new(names(4), false);
         roll.advance(|_| true);
         roll.ready("1", |_| true);
         assert_eq!(roll.not_ready("3", "exited with status 1"), None);
@@ -118,11 +150,29 @@ mod tests {
     }
 
     #[test]
+    fn a_canary_comes_first_and_a_failed_one_touches_no_instance() {
+        let mut roll = Roll::new(names(2), true);
+        assert_eq!(roll.advance(|_| true), RollStep::StartCanary);
+        assert_eq!(roll.ready(CANARY, |_| true), Some(RollStep::StopCanary));
+        assert_eq!(roll.advance(|_| true), RollStep::Restart("1".into()));
+        assert_eq!(roll.ready("1", |_| true), Some(RollStep::Restart("2".into())));
+        assert_eq!(roll.ready("2", |_| true), Some(RollStep::Done { restarted: 2 }));
+
+        let mut roll = Roll::new(names(2), true);
+        roll.advance(|_| true);
+        let Some(RollStep::Failed { message }) = roll.not_ready(CANARY, "exited with status 1") else {
+            panic!("a failed canary stops the roll")
+        };
+        assert!(message.contains("no instance was restarted, 2 keep their old processes"), "{message}");
+        assert_eq!(roll.advance(|_| true), RollStep::Done { restarted: 0 });
+    }
+
+    #[test]
     fn instances_that_no_longer_run_are_skipped() {
-        let mut roll = Roll::new(names(3));
+        let mut roll = Roll::new(names(3), false);
         assert_eq!(roll.advance(|n| n != "1"), RollStep::Restart("2".into()));
         assert_eq!(roll.gone("2", |n| n == "3"), Some(RollStep::Restart("3".into())));
         assert_eq!(roll.ready("3", |_| true), Some(RollStep::Done { restarted: 1 }));
-        assert_eq!(Roll::new(vec![]).advance(|_| true), RollStep::Done { restarted: 0 });
+        assert_eq!(Roll::new(vec![], true).advance(|_| true), RollStep::Done { restarted: 0 });
     }
 }

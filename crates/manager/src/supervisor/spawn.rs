@@ -69,6 +69,8 @@ impl Launch {
         // SAFETY: the child calls only async-signal-safe functions and exits or execs.
         match unsafe { fork() }? {
             ForkResult::Parent { child } => Ok(child),
+            // SAFETY: in the child of a fork, `child_exec` only calls async-signal-safe functions
+            // on buffers made before the fork, then execs; `_exit` ends the child if it fails.
             ForkResult::Child => unsafe {
                 child_exec(supervisor, &argv, &envp, &pid_bufs, &prefixes, &fds, &mut moved);
                 libc::_exit(127)
@@ -97,6 +99,8 @@ unsafe fn child_exec(
     fds: &[RawFd],
     moved: &mut [RawFd],
 ) {
+    // SAFETY: the caller is the child of a fork (see `spawn_with`): only async-signal-safe
+    // calls follow, on pointers into buffers the parent made, which stay valid in the child.
     unsafe {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::getppid() != supervisor.as_raw() {
             return; // the supervisor is already gone: don't start an orphan
@@ -142,8 +146,10 @@ unsafe fn write_decimal(out: *mut u8, mut n: u64) {
         }
     }
     for i in 0..len {
+        // SAFETY: the caller gives `out` room for PID_DIGITS + 1 bytes; len <= 20 <= PID_DIGITS.
         unsafe { *out.add(i) = digits[len - 1 - i] };
     }
+    // SAFETY: as above, the terminating NUL is within the PID_DIGITS + 1 bytes.
     unsafe { *out.add(len) = 0 };
 }
 
@@ -207,6 +213,7 @@ mod tests {
     fn decimal() {
         let mut buf = [0xffu8; PID_DIGITS + 1];
         for (n, s) in [(0u64, "0"), (7, "7"), (4194304, "4194304"), (u64::MAX, "18446744073709551615")] {
+            // SAFETY: `buf` has the PID_DIGITS + 1 bytes write_decimal may write.
             unsafe { write_decimal(buf.as_mut_ptr(), n) };
             assert_eq!(&buf[..s.len()], s.as_bytes());
             assert_eq!(buf[s.len()], 0);

@@ -22,7 +22,7 @@ struct Cli {
 
     /// Also answer /debug/sleep?ms=N (a slow request), /debug/wedge?ms=N (block the
     /// runtime: the watchdog's prey) and /debug/crash (abort). For tests; never in production.
-    #[arg(long, env = "SDCLUSTER_DEBUG_ENDPOINTS", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = sdcluster_protocol::env::DEBUG_ENDPOINTS, value_parser = clap::builder::BoolishValueParser::new())]
     debug_endpoints: bool,
 
     /// Print the man page (man) or a shell's completions (bash, zsh, fish) and exit.

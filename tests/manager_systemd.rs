@@ -146,20 +146,36 @@ fn instances_share_one_port_and_status_matches_systemctl() {
         assert_eq!(instance.state, "active/running");
         assert!(instance.status_text.starts_with(&format!("serving {}", app.addr)), "{:?}", instance.status_text);
         assert!(instance.memory_bytes.is_some_and(|m| m > 0));
+        // Each answered a request of workers_answering: the metrics table says so.
+        assert!(instance.requests.is_some_and(|r| r >= 1), "requests of {instance:?}");
+        assert!(instance.open_connections.is_some(), "open connections of {instance:?}");
     }
     let table = app.sdcluster_ok(&["status", "share"]);
+    assert!(table.contains("REQS") && table.contains("CONNS"), "{table}");
+    // --watch under systemd too: one table per interval on a pipe, until SIGINT (status 0).
+    let watch = format!("timeout --preserve-status -s INT 3 {GUEST_SDCLUSTER} status share --watch --interval 300ms");
+    let watched = app.sdbox.exec_ok(&["sh", "-c", &watch]);
+    assert!(watched.matches("share (systemd), listening on").count() >= 2, "{watched}");
     assert!(table.lines().nth(1).is_some_and(|h| h.starts_with("INSTANCE  PID")), "{table}");
     assert_eq!(table.lines().count(), 5, "title, header, 3 instances:\n{table}");
 
-    // Every instance's log lines, from the journal, in one place.
+    // Every instance's log lines, from the journal, in one place, each starting with its
+    // instance; and the journal field that selects one instance's lines.
     let logs = app.sdcluster_ok(&["logs", "share", "--lines", "200"]);
     for k in 1..=3 {
         let pid = app.main_pid(k);
+        let serving = format!("[{pid}] serving {}", app.addr);
         assert!(
-            logs.contains(&format!("sdcluster-worker[{pid}]: serving {}", app.addr)),
+            logs.lines().any(|l| l.starts_with(&format!("share@{k} ")) && l.contains(&serving)),
             "worker {k} missing:\n{logs}"
         );
     }
+    assert!(logs.lines().any(|l| l.starts_with("share.socket ")), "the socket's lines:\n{logs}");
+    let two = app.sdbox.exec_ok(&["journalctl", "SDCLUSTER_INSTANCE=2", "-u", "share@*.service", "-o", "cat"]);
+    assert!(two.contains(&format!("serving {}", app.addr)), "{two}");
+    let pids = app.sdbox.exec_ok(&["journalctl", "SDCLUSTER_INSTANCE=2", "-o", "json", "--output-fields=_PID"]);
+    let pid = |k: u32| format!("\"_PID\":\"{}\"", app.main_pid(k));
+    assert!(pids.contains(&pid(2)) && !pids.contains(&pid(1)), "{pids}");
 }
 
 #[test]
@@ -178,6 +194,10 @@ fn a_killed_worker_is_restarted_and_no_connection_is_refused() {
     // Only requests the killed worker had in flight may fail.
     assert!(report.failed <= 4, "{report:?}");
     assert!(app.workers_answering(10).contains("1"));
+    // status shows how the previous worker 1 ended (from the journal: systemd forgot it).
+    let shown = |s: &ClusterStatus| s.instances[0].last_exit.as_ref().map(ToString::to_string);
+    app.wait("status: worker 1 killed by SIGKILL", || shown(&app.status()).as_deref() == Some("killed by SIGKILL"));
+    assert_eq!(app.status().instances[1].last_exit, None);
 }
 
 #[test]
@@ -224,6 +244,8 @@ fn a_wedged_worker_is_killed_by_the_watchdog() {
     let journal = app.sdbox.exec_ok(&["journalctl", "-u", "wedge@1.service", "--no-pager"]);
     assert!(journal.contains("Watchdog timeout"), "{journal}");
     app.sdbox.wait_active(&app.unit(1));
+    let reason = || app.status().instances.swap_remove(0).last_exit.map(|e| e.reason);
+    app.wait("status: worker 1's last exit the watchdog", || reason().as_deref() == Some("watchdog"));
     assert_eq!(http::get(app.addr, "/").status, 200);
 }
 
@@ -388,6 +410,24 @@ fn a_rolling_restart_stops_at_the_first_instance_that_does_not_come_back() {
     sdbox.exec_ok(&["chmod", "755", &format!("{PROGRAM}.new")]);
     sdbox.exec_ok(&["mv", &format!("{PROGRAM}.new"), PROGRAM]);
 
+    // The canary (doomed@0) does not start: no worker is touched.
+    let out = app.sdcluster(&["restart", "--rolling", "doomed"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the release does not start: doomed@0.service"), "{err}");
+    assert!(err.contains("no worker was restarted"), "{err}");
+    assert!(!err.contains("restarting doomed@1"), "{err}");
+    assert_eq!((1..=3).map(|k| app.main_pid(k)).collect::<Vec<_>>(), before);
+    assert_eq!(app.sdbox.property("doomed@0.service", "ActiveState"), "inactive", "the canary is stopped");
+    assert_eq!(app.workers_answering(30), set(&["1", "2", "3"]));
+
+    // A release that starts as the canary but not as worker 1: the roll stops at worker 1.
+    let real = "/usr/local/bin/doomed-worker.real";
+    sdbox.exec_ok(&["cp", sdbox.install_worker(), real]);
+    let script = format!("#!/bin/sh\n[ \"$SDCLUSTER_INSTANCE\" = 0 ] && exec {real} \"$@\"\nexit 1\n");
+    sdbox.write_file(&format!("{PROGRAM}.new"), &script);
+    sdbox.exec_ok(&["chmod", "755", &format!("{PROGRAM}.new")]);
+    sdbox.exec_ok(&["mv", &format!("{PROGRAM}.new"), PROGRAM]);
     let out = app.sdcluster(&["restart", "--rolling", "doomed"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
