@@ -1,5 +1,5 @@
-// Copied unchanged (but for these two lines) from the project's seed material, shared/peers/app.js: the "dead
-// simple" app of the seed article ("node.js cluster", shared/seeds/) with per-process counters added.
+// The peer app of the benchmarks: the "dead simple" app of the article this project started from
+// (a Node.js `cluster` tutorial), unchanged but for these two lines and per-process counters.
 // Seed app + per-process counters (printed on SIGTERM). Listens on inherited fd 3 if LISTEN_FDS is set.
 var n = 0, c = 0;
 var server = require('http').createServer(function(req,res){n++;res.writeHead(200);res.end('this is dead simple');});

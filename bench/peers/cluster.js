@@ -1,5 +1,5 @@
-// Copied unchanged (but for these two lines) from the project's seed material, shared/peers/cluster.js: the seed
-// article's cluster.js (one cluster.fork() per CPU; WORKERS=N overrides) with a SIGTERM handler added.
+// The seed article's cluster.js (one cluster.fork() per CPU; WORKERS=N overrides), unchanged but for
+// these two lines and a SIGTERM handler.
 // Seed's recommended setup: cluster.fork() per os.cpus(), workers load the app.
 var cluster = require('cluster'), os = require('os');
 if (cluster.isPrimary) {
