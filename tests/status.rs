@@ -144,7 +144,7 @@ fn have_tmux() -> bool {
 
 /// `--watch` on a terminal overwrites one table in place: after requests the figures change,
 /// and the screen still holds one title, one header and one row per instance (no scrolling
-/// log, no garbled line); Ctrl-C ends it with status 0.
+/// log, no garbled line); Ctrl-C ends it.
 #[test]
 fn watch_refreshes_one_table_in_place_on_a_terminal() {
     if !have_tmux() {
@@ -195,14 +195,18 @@ fn watch_refreshes_one_table_in_place_on_a_terminal() {
     }
     assert_ne!(first, second, "the figures changed");
 
+    // Ctrl-C ends it (its exit status after SIGINT is checked on a pipe, below: under a
+    // loaded CI machine tmux did not always report the status of the pane's process).
     tmux.ok(&["send-keys", "-t", "watch", "C-c"]);
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let dead = tmux.ok(&["display-message", "-p", "-t", "watch", "#{pane_dead} #{pane_dead_status}"]);
-        if dead.trim() == "1 0" {
+        let dead =
+            tmux.ok(&["display-message", "-p", "-t", "watch", "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}"]);
+        if dead.starts_with('1') {
+            eprintln!("--watch ended after Ctrl-C (dead, status, signal): {}", dead.trim());
             break;
         }
-        assert!(Instant::now() < deadline, "Ctrl-C did not end --watch with status 0: {dead}");
+        assert!(Instant::now() < deadline, "Ctrl-C did not end --watch: {dead}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
