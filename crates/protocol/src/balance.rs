@@ -153,14 +153,7 @@ mod tests {
     }
 
     fn tempfile() -> File {
-        let path = std::env::temp_dir().join(format!(
-            "sdcluster-balance-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file
+        crate::scratch_file("balance")
     }
 
     #[test]

@@ -18,3 +18,23 @@ pub use address::{AddressError, BindError, ListenAddress};
 pub use balance::{BalanceTable, Slot};
 pub use listen_fds::{Inherited, ListenFdsError, Listener, PassedFd};
 pub use metrics::{InstanceMetrics, InstanceSlot, MetricsTable};
+
+/// Milliseconds on `CLOCK_MONOTONIC`, the clock every process of the machine shares: the
+/// time base of the heartbeats in the [`balance`] and [`metrics`] tables.
+pub fn now_ms() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+}
+
+/// A file that exists only as long as its handle, for tests of the shared tables.
+#[cfg(test)]
+pub(crate) fn scratch_file(label: &str) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!(
+        "sdcluster-{label}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let file = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file
+}

@@ -88,13 +88,7 @@ const _: () = assert!(std::mem::size_of::<Header>() == HEADER_BYTES);
 const _: () = assert!(std::mem::size_of::<RawSlot>() <= SLOT_BYTES);
 const _: () = assert!(SLOT_BYTES % 64 == 0);
 
-/// Milliseconds on the clock every process of the machine shares (`CLOCK_MONOTONIC`).
-pub fn now_ms() -> u64 {
-    let mut t = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec, which `t` is.
-    let rc = unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_MONOTONIC, &raw mut t) };
-    if rc == 0 { t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000 } else { 0 }
-}
+pub use crate::now_ms;
 
 enum Map {
     Write(MmapMut),
@@ -439,14 +433,7 @@ mod tests {
     use super::*;
 
     fn tempfile() -> File {
-        let path = std::env::temp_dir().join(format!(
-            "sdcluster-metrics-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file
+        crate::scratch_file("metrics")
     }
 
     #[test]

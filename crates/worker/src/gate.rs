@@ -5,8 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use nix::time::{ClockId, clock_gettime};
-use sdcluster_protocol::{BalanceTable, Listener, Slot};
+use sdcluster_protocol::{BalanceTable, Listener, Slot, now_ms};
 use tokio::sync::Notify;
 
 use crate::stats::Stats;
@@ -30,11 +29,6 @@ struct Balance {
     table: Arc<BalanceTable>,
     slot: Mutex<Option<Slot>>,
     patience: Duration,
-}
-
-/// Milliseconds on the clock every process of the machine shares.
-fn now_ms() -> u64 {
-    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
 }
 
 impl Gate {
