@@ -50,6 +50,24 @@ pub struct Spec {
     /// Kept-alive connections one instance may hand to its next process on a restart
     /// (the size of its fd store, `FileDescriptorStoreMax=`); 0 turns hand-over off.
     pub handover_max: u32,
+    /// When a started worker counts as ready.
+    pub ready: Readiness,
+    /// Let workers map memory writable and executable (a JIT: V8, HotSpot, LuaJIT);
+    /// off: `MemoryDenyWriteExecute=yes`.
+    pub jit: bool,
+    /// A directory of the app's own that outlives restarts (`StateDirectory=`: a name under
+    /// `/var/lib`), passed as `$STATE_DIRECTORY`.
+    pub state_directory: Option<String>,
+    /// Paths the workers may write despite `ProtectSystem=strict` (`ReadWritePaths=`).
+    pub read_write_paths: Vec<PathBuf>,
+    /// The workers' working directory (`WorkingDirectory=`); default `/`.
+    pub working_directory: Option<PathBuf>,
+    /// A file of `KEY=VALUE` lines read into the workers' environment at each start
+    /// (`EnvironmentFile=`).
+    pub environment_file: Option<PathBuf>,
+    /// Secrets by name: the file each is read from at each start (`LoadCredential=NAME:PATH`),
+    /// given to the workers in `$CREDENTIALS_DIRECTORY/NAME`.
+    pub credentials: BTreeMap<String, PathBuf>,
 }
 
 impl Spec {
@@ -124,6 +142,28 @@ impl std::fmt::Display for Instances {
             Self::Auto => f.write_str("auto"),
             Self::Count(n) => write!(f, "{n}"),
         }
+    }
+}
+
+/// When a started worker counts as ready (and a rolling restart moves on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// When it sends `READY=1` (`Type=notify`): the reference worker, gunicorn, any
+    /// `sd_notify` program.
+    #[default]
+    Notify,
+    /// As soon as its program was executed (`Type=exec`): for servers that don't speak
+    /// `sd_notify` (Node, most Go and Java servers).
+    Exec,
+}
+
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Readiness::Notify => "notify",
+            Readiness::Exec => "exec",
+        })
     }
 }
 
@@ -220,6 +260,20 @@ pub struct SpecFile {
     pub outbound_network: Option<bool>,
     /// Connections an instance may hand to its next process on a restart; 0: off.
     pub handover_max: Option<i64>,
+    /// `notify` or `exec`.
+    pub ready: Option<Readiness>,
+    /// Whether workers may JIT-compile (writable and executable memory).
+    pub jit: Option<bool>,
+    /// A directory name under `/var/lib`.
+    pub state_directory: Option<String>,
+    /// Absolute paths.
+    pub read_write_paths: Option<Vec<String>>,
+    /// An absolute path.
+    pub working_directory: Option<String>,
+    /// An absolute path.
+    pub environment_file: Option<String>,
+    /// `NAME = "/path/to/secret"`.
+    pub credentials: Option<BTreeMap<String, String>>,
 }
 
 /// `command = "/usr/bin/app --flag"` or `command = ["/usr/bin/app", "--flag"]`.
@@ -326,7 +380,22 @@ impl SpecFile {
                 return Err(invalid("user", format!("{user:?} is not a user name")));
             }
         }
+        let ready = self.ready.unwrap_or_default();
+        let jit = self.jit.unwrap_or(false);
+        let state_directory = self.state_directory;
+        let read_write_paths = self.read_write_paths.unwrap_or_default().into_iter().map(PathBuf::from).collect();
+        let working_directory = self.working_directory.map(PathBuf::from);
+        let environment_file = self.environment_file.map(PathBuf::from);
+        let credentials =
+            self.credentials.unwrap_or_default().into_iter().map(|(name, path)| (name, PathBuf::from(path))).collect();
         Ok(Spec {
+            ready,
+            jit,
+            state_directory,
+            read_write_paths,
+            working_directory,
+            environment_file,
+            credentials,
             name,
             command,
             listen,

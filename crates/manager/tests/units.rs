@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sdcluster::spec::{Balance, Instances, Spec};
+use sdcluster::spec::{Balance, Instances, Readiness, Spec};
 use sdcluster::units::{UnitFile, render};
 
 /// A spec as a user would write it, without touching the file system (the worker path
@@ -29,6 +29,13 @@ fn spec(name: &str) -> Spec {
         user: None,
         outbound_network: false,
         handover_max: 4096,
+        ready: Readiness::Notify,
+        jit: false,
+        state_directory: None,
+        read_write_paths: Vec::new(),
+        working_directory: None,
+        environment_file: None,
+        credentials: BTreeMap::new(),
     }
 }
 
