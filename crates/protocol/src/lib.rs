@@ -19,6 +19,10 @@ pub use balance::{BalanceTable, Slot};
 pub use listen_fds::{Inherited, ListenFdsError, Listener, PassedFd};
 pub use metrics::{InstanceMetrics, InstanceSlot, MetricsTable};
 
+/// A worker's exit status for bad input (arguments, environment, passed fds): restarting
+/// won't help, so neither supervisor restarts it (`RestartPreventExitStatus=`).
+pub const EXIT_BAD_INPUT: u8 = 2;
+
 /// Milliseconds on `CLOCK_MONOTONIC`, the clock every process of the machine shares: the
 /// time base of the heartbeats in the [`balance`] and [`metrics`] tables.
 pub fn now_ms() -> u64 {

@@ -56,8 +56,7 @@ pub use sdcluster_protocol::metrics;
 pub use serve::{DrainTimedOut, Server};
 pub use stats::Stats;
 
-/// Exit status for bad input (arguments, environment, passed fds): restarting won't help.
-pub const EXIT_BAD_INPUT: u8 = 2;
+pub use sdcluster_protocol::EXIT_BAD_INPUT;
 
 /// The whole life of a worker process: logging, sockets, runtime, serving, drain.
 ///
