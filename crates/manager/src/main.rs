@@ -210,6 +210,38 @@ struct SpecArgs {
     /// store, FileDescriptorStoreMax=); 0 turns hand-over off.
     #[arg(long, value_name = "N")]
     handover_max: Option<i64>,
+    /// When a started worker is ready (key ready): notify, at its READY=1 (Type=notify); exec,
+    /// once its program runs, for servers that don't speak sd_notify (Type=exec; no watchdog).
+    #[arg(long, value_enum)]
+    ready: Option<sdcluster::spec::Readiness>,
+    /// Let the workers JIT-compile, with writable and executable memory: Node, Java, LuaJIT
+    /// (key jit = true; MemoryDenyWriteExecute=no). No effect on sdcluster run (no sandbox).
+    #[arg(long)]
+    jit: bool,
+    /// Let the workers open connections of their own and resolve names (key outbound-network
+    /// = true; PrivateNetwork=no, RestrictAddressFamilies= adds AF_INET AF_INET6 AF_NETLINK).
+    /// No effect on sdcluster run (no sandbox).
+    #[arg(long)]
+    outbound_network: bool,
+    /// A directory of the app's own that outlives restarts, a name under /var/lib, given to the
+    /// workers as $STATE_DIRECTORY (key state-directory; StateDirectory=).
+    #[arg(long, value_name = "DIR")]
+    state_directory: Option<String>,
+    /// An absolute path the workers may write, repeatable; replaces the file's list (key
+    /// read-write-paths; ReadWritePaths=). No effect on sdcluster run (no sandbox).
+    #[arg(long = "read-write-path", value_name = "PATH")]
+    read_write_paths: Vec<String>,
+    /// The workers' working directory, absolute (key working-directory; WorkingDirectory=).
+    #[arg(long, value_name = "DIR")]
+    working_directory: Option<String>,
+    /// A file of KEY=VALUE lines for the workers' environment, read at each start (key
+    /// environment-file; EnvironmentFile=).
+    #[arg(long, value_name = "FILE")]
+    environment_file: Option<String>,
+    /// A secret the workers read from $CREDENTIALS_DIRECTORY/NAME, copied from PATH at each
+    /// start, repeatable (key credentials; LoadCredential=NAME:PATH).
+    #[arg(long = "credential", value_name = "NAME=PATH")]
+    credentials: Vec<String>,
     /// The worker command (default: sdcluster-worker next to this program), after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -262,6 +294,23 @@ impl SpecArgs {
         file.stop_timeout = self.stop_timeout.or(file.stop_timeout);
         file.balance = self.balance.or(file.balance);
         file.handover_max = self.handover_max.or(file.handover_max);
+        file.ready = self.ready.or(file.ready);
+        if self.jit {
+            file.jit = Some(true);
+        }
+        if self.outbound_network {
+            file.outbound_network = Some(true);
+        }
+        file.state_directory = self.state_directory.or(file.state_directory);
+        if !self.read_write_paths.is_empty() {
+            file.read_write_paths = Some(self.read_write_paths);
+        }
+        file.working_directory = self.working_directory.or(file.working_directory);
+        file.environment_file = self.environment_file.or(file.environment_file);
+        for kv in self.credentials {
+            let (k, v) = kv.split_once('=').with_context(|| format!("--credential {kv:?}: expected NAME=PATH"))?;
+            file.credentials.get_or_insert_default().insert(k.into(), v.into());
+        }
         if !self.command.is_empty() {
             file.command = Some(CommandLine::Argv(self.command));
         }

@@ -360,9 +360,22 @@ impl SpecFile {
         if restart_max_delay < restart_delay {
             return Err(invalid("restart-max-delay", "it must not be shorter than restart-delay"));
         }
-        let watchdog = match self.watchdog.as_deref() {
-            Some("off" | "0" | "0s") => None,
-            other => Some(span("watchdog", other.map(str::to_owned), "10s")?),
+        let ready = self.ready.unwrap_or_default();
+        // A watchdog is fed by WATCHDOG=1 messages, which only an sd_notify program sends.
+        let watchdog = match (self.watchdog.as_deref(), ready) {
+            (Some("off" | "0" | "0s"), _) | (None, Readiness::Exec) => None,
+            (Some(w), Readiness::Exec) => {
+                span("watchdog", Some(w.to_owned()), "")?;
+                return Err(invalid(
+                    "watchdog",
+                    format!(
+                        "{w:?} with ready = \"exec\": a program that doesn't speak sd_notify sends no WATCHDOG=1, \
+                         so every worker would be killed {w} after its start; set watchdog = \"off\" \
+                         (--watchdog off), or ready = \"notify\" if the program sends READY=1 and WATCHDOG=1"
+                    ),
+                ));
+            }
+            (other, Readiness::Notify) => Some(span("watchdog", other.map(str::to_owned), "10s")?),
         };
         let stop_timeout = span("stop-timeout", self.stop_timeout, "30s")?;
         if stop_timeout < Duration::from_secs(1) {
@@ -380,18 +393,41 @@ impl SpecFile {
                 return Err(invalid("user", format!("{user:?} is not a user name")));
             }
         }
-        let ready = self.ready.unwrap_or_default();
         let jit = self.jit.unwrap_or(false);
-        let state_directory = self.state_directory;
-        let read_write_paths = self.read_write_paths.unwrap_or_default().into_iter().map(PathBuf::from).collect();
-        let working_directory = self.working_directory.map(PathBuf::from);
-        let environment_file = self.environment_file.map(PathBuf::from);
-        let credentials =
-            self.credentials.unwrap_or_default().into_iter().map(|(name, path)| (name, PathBuf::from(path))).collect();
+        if let Some(dir) = &self.state_directory {
+            check_state_directory(dir)?;
+        }
+        let read_write_paths = self
+            .read_write_paths
+            .unwrap_or_default()
+            .iter()
+            .map(|p| check_unit_path("read-write-paths", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let working_directory =
+            self.working_directory.as_deref().map(|p| check_unit_path("working-directory", p)).transpose()?;
+        if let (Some(dir), true) = (&working_directory, program_here) {
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(invalid("working-directory", format!("{} is not a directory", dir.display()))),
+                Err(e) => {
+                    return Err(invalid(
+                        "working-directory",
+                        format!("{}: {e} (create it first: the workers start in it)", dir.display()),
+                    ));
+                }
+            }
+        }
+        let environment_file =
+            self.environment_file.as_deref().map(|p| check_unit_path("environment-file", p)).transpose()?;
+        let mut credentials = BTreeMap::new();
+        for (name, path) in self.credentials.unwrap_or_default() {
+            check_credential_name(&name)?;
+            credentials.insert(name, check_unit_path("credentials", &path)?);
+        }
         Ok(Spec {
             ready,
             jit,
-            state_directory,
+            state_directory: self.state_directory,
             read_write_paths,
             working_directory,
             environment_file,
@@ -492,6 +528,94 @@ fn check_listen(listen: &[String]) -> Result<Vec<ListenAddress>, SpecError> {
         out.push(addr);
     }
     Ok(out)
+}
+
+/// `state-directory`: a name under `/var/lib` (`StateDirectory=`), possibly nested.
+fn check_state_directory(dir: &str) -> Result<(), SpecError> {
+    if dir.starts_with('/') {
+        return Err(invalid(
+            "state-directory",
+            format!(
+                "{dir:?} is absolute; give a name under /var/lib, e.g. state-directory = \"{}\" for /var/lib/{0} \
+                 (for a directory elsewhere, use read-write-paths)",
+                dir.rsplit('/').find(|p| !p.is_empty()).unwrap_or("app")
+            ),
+        ));
+    }
+    for part in dir.split('/') {
+        let ok = !part.is_empty()
+            && part != "."
+            && part != ".."
+            && part.len() <= 255
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !ok {
+            return Err(invalid(
+                "state-directory",
+                format!(
+                    "{dir:?} is not a directory name under /var/lib: use parts of letters, digits, '.', '_' \
+                     or '-' joined by '/', none of them empty, \".\" or \"..\" (e.g. \"web\" or \"web/cache\")"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A path that goes into a unit line as it is (`ReadWritePaths=`, `WorkingDirectory=`,
+/// `EnvironmentFile=`, `LoadCredential=`): absolute, normalized, and with nothing systemd
+/// would split at or unquote, since sdcluster refuses such a path rather than quote it. A `%`
+/// is fine: it is written as `%%`, so that systemd does not take it for a specifier.
+pub fn check_unit_path(key: &'static str, path: &str) -> Result<PathBuf, SpecError> {
+    let wrong = |what: &str| invalid(key, format!("{path:?} {what}"));
+    if !path.starts_with('/') {
+        return Err(wrong("is not an absolute path: give the whole path, from / (e.g. /srv/web/data)"));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(wrong("has a control character (a newline, a tab?)"));
+    }
+    if path.chars().any(char::is_whitespace) {
+        return Err(wrong(
+            "has whitespace, where systemd would split the unit line; use a path without spaces (a symlink to it)",
+        ));
+    }
+    if path.contains(['"', '\'', '\\']) {
+        return Err(wrong("has a quote or a backslash, which systemd would unquote; use a path without them"));
+    }
+    if path.len() > 4095 {
+        return Err(wrong("is longer than PATH_MAX"));
+    }
+    if path != "/" {
+        for part in path[1..].split('/') {
+            if part.is_empty() || part == "." || part == ".." {
+                return Err(wrong(
+                    "is not normalized: write it without \".\", \"..\", \"//\" or a trailing '/' (e.g. /srv/app)",
+                ));
+            }
+            if part.len() > 255 {
+                return Err(wrong("has a component longer than 255 bytes"));
+            }
+        }
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Credential names (`LoadCredential=NAME:PATH`, file names in `$CREDENTIALS_DIRECTORY`).
+fn check_credential_name(name: &str) -> Result<(), SpecError> {
+    let ok = (1..=255).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "credentials",
+            format!(
+                "{name:?} can't name a credential (a file in $CREDENTIALS_DIRECTORY): use 1-255 letters, digits, \
+                 '_', '.' or '-', not \".\" or \"..\", e.g. credentials = {{ db-password = \"/etc/web/db-password\" }}"
+            ),
+        ))
+    }
 }
 
 fn check_memory(m: &str) -> Result<(), SpecError> {
@@ -598,5 +722,109 @@ mod tests {
         assert!(err("user = \"-root\"").contains("not a user name"));
         assert!(err("balance = \"random\"").contains("unknown variant"));
         assert_eq!(from_toml("name = \"a\"\ncommand = \"/bin/sh\"\nwatchdog = \"off\"").unwrap().watchdog, None);
+    }
+
+    fn with(kv: &str) -> Result<Spec, SpecError> {
+        from_toml(&format!("name = \"a\"\ncommand = \"/bin/sh\"\n{kv}"))
+    }
+
+    #[test]
+    fn exec_readiness_has_no_watchdog() {
+        assert_eq!(with("").unwrap().ready, Readiness::Notify);
+        let exec = with("ready = \"exec\"").unwrap();
+        assert_eq!((exec.ready, exec.watchdog), (Readiness::Exec, None));
+        assert_eq!(with("ready = \"exec\"\nwatchdog = \"off\"").unwrap().watchdog, None);
+        let err = with("ready = \"exec\"\nwatchdog = \"10s\"").unwrap_err().to_string();
+        assert!(err.starts_with("invalid watchdog") && err.contains("set watchdog = \"off\""), "{err}");
+        assert!(err.contains("ready = \"notify\""), "{err}");
+        // A bad duration is reported as such, whatever the readiness.
+        assert!(!with("ready = \"exec\"\nwatchdog = \"soon\"").unwrap_err().to_string().contains("sd_notify"));
+        let notify = with("ready = \"notify\"\nwatchdog = \"5s\"").unwrap();
+        assert_eq!(notify.watchdog, Some(Duration::from_secs(5)));
+        assert!(with("ready = \"sometimes\"").unwrap_err().to_string().contains("unknown variant"));
+    }
+
+    #[test]
+    fn state_directories_are_names_under_var_lib() {
+        for good in ["web", "web/cache", "my_app-2.0", ".hidden"] {
+            let spec = with(&format!("state-directory = \"{good}\"")).unwrap();
+            assert_eq!(spec.state_directory.as_deref(), Some(good));
+        }
+        assert_eq!(with("").unwrap().state_directory, None);
+        let err = |dir: &str| with(&format!("state-directory = \"{dir}\"")).unwrap_err().to_string();
+        let absolute = err("/var/lib/web");
+        assert!(absolute.starts_with("invalid state-directory") && absolute.contains("state-directory = \"web\""));
+        assert!(absolute.contains("read-write-paths"), "{absolute}");
+        for bad in ["", ".", "..", "web/..", "../web", "web//cache", "web/", "a b", "web%i", "wéb", "a:b"] {
+            let message = err(bad);
+            assert!(message.contains("not a directory name under /var/lib"), "{bad:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn paths_for_unit_lines_are_absolute_normalized_and_unquoted() {
+        for good in ["/", "/srv/web", "/srv/web-2.0/data_x", "/srv/100%"] {
+            assert_eq!(check_unit_path("k", good).unwrap(), Path::new(good));
+        }
+        let err = |p: &str| check_unit_path("read-write-paths", p).unwrap_err().to_string();
+        assert!(err("srv/web").contains("not an absolute path"));
+        assert!(err("").contains("not an absolute path"));
+        assert!(err("/srv/a b").contains("whitespace"));
+        assert!(err("/srv/a\u{a0}b").contains("whitespace"));
+        assert!(err("/srv/a\nb").contains("control character"));
+        assert!(err("/srv/a\tb").contains("control character"));
+        assert!(err("/srv/\"web\"").contains("quote"));
+        assert!(err("/srv/it's").contains("quote"));
+        assert!(err("/srv/a\\x20b").contains("backslash"));
+        for bad in ["/srv/../etc", "/srv/./web", "/srv//web", "/srv/web/", "/.."] {
+            assert!(err(bad).contains("not normalized"), "{bad:?}");
+        }
+        assert!(err(&format!("/{}", "x".repeat(256))).contains("longer than 255"));
+        // Every key names itself.
+        for key in ["read-write-paths = [\"srv\"]", "working-directory = \"srv\"", "environment-file = \"srv\""] {
+            let name = key.split(' ').next().unwrap();
+            let message = with(key).unwrap_err().to_string();
+            assert!(message.starts_with(&format!("invalid {name}: ")), "{message}");
+        }
+        let message = with("credentials = { db = \"db.key\" }").unwrap_err().to_string();
+        assert!(message.starts_with("invalid credentials: \"db.key\" is not an absolute path"), "{message}");
+        let spec = with(
+            "read-write-paths = [\"/srv/a\", \"/srv/b\"]\nenvironment-file = \"/etc/a.env\"\n\
+             credentials = { db = \"/etc/a/db\", \"tls.key\" = \"/etc/a/key\" }",
+        )
+        .unwrap();
+        assert_eq!(spec.read_write_paths, [Path::new("/srv/a"), Path::new("/srv/b")]);
+        assert_eq!(spec.environment_file.as_deref(), Some(Path::new("/etc/a.env")));
+        assert_eq!(spec.credentials["tls.key"], Path::new("/etc/a/key"));
+    }
+
+    #[test]
+    fn the_working_directory_must_exist_where_the_program_runs() {
+        let dir = std::env::temp_dir();
+        let spec = with(&format!("working-directory = \"{}\"", dir.display())).unwrap();
+        assert_eq!(spec.working_directory.as_deref(), Some(dir.as_path()));
+        let missing = "working-directory = \"/no/such/dir\"";
+        let message = with(missing).unwrap_err().to_string();
+        assert!(message.starts_with("invalid working-directory: /no/such/dir: No such file"), "{message}");
+        assert!(message.contains("create it"), "{message}");
+        let elsewhere: SpecFile = toml::from_str(&format!("name = \"a\"\ncommand = \"/bin/sh\"\n{missing}")).unwrap();
+        assert_eq!(
+            elsewhere.validate_elsewhere().unwrap().working_directory.as_deref(),
+            Some(Path::new("/no/such/dir"))
+        );
+        let message = with("working-directory = \"/bin/sh\"").unwrap_err().to_string();
+        assert!(message.contains("/bin/sh is not a directory"), "{message}");
+    }
+
+    #[test]
+    fn credential_names_are_file_names() {
+        let cred = |name: &str| with(&format!("credentials = {{ \"{name}\" = \"/etc/a/secret\" }}"));
+        for good in ["db", "db-password", "tls.key", "A_1", &"x".repeat(255)] {
+            assert_eq!(cred(good).unwrap().credentials[good], Path::new("/etc/a/secret"));
+        }
+        for bad in ["", ".", "..", "a:b", "a/b", "a b", "%n", &"x".repeat(256)] {
+            let message = cred(bad).unwrap_err().to_string();
+            assert!(message.starts_with("invalid credentials: ") && message.contains("1-255 letters"), "{bad:?}");
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use sdcluster_protocol::{ListenAddress, duration};
 
-use crate::spec::{Balance, Spec};
+use crate::spec::{Balance, Readiness, Spec};
 
 const SOCKET: &str = include_str!("../../../systemd/app.socket");
 const TRIGGER: &str = include_str!("../../../systemd/app.service");
@@ -83,6 +83,12 @@ fn quote_arg(arg: &str) -> String {
     format!("\"{escaped}\"")
 }
 
+/// A path for a unit line: the spec refused whatever systemd would split at or unquote
+/// ([`crate::spec::check_unit_path`]); `%` is doubled so that it is not a specifier.
+fn unit_path(path: &Path) -> String {
+    path.display().to_string().replace('%', "%%")
+}
+
 /// Where the stop hook of app `name`'s instance `instance` (`%i` in a unit) says that the
 /// instance is restarting: the workers read the path from [`sdcluster_protocol::env::HANDOVER_FLAG`]. A
 /// directory of the app's own under `/run/sdcluster/APP` (the workers' preserved runtime
@@ -122,6 +128,14 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
     vars.insert("metrics_file", one(format!("/run/{runtime_directory}/metrics")));
     vars.insert("runtime_preserve", one("yes".into()));
     vars.insert("runtime_directory", one(runtime_directory));
+    vars.insert(
+        "ready",
+        one(match spec.ready {
+            Readiness::Notify => "notify",
+            Readiness::Exec => "exec",
+        }
+        .into()),
+    );
     vars.insert("command", one(spec.command.iter().map(|a| quote_arg(a)).collect::<Vec<_>>().join(" ")));
     vars.insert("drain_timeout", one(duration::to_systemd(spec.drain_timeout())));
     let handover = spec.handover_max > 0;
@@ -132,6 +146,12 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
     vars.insert("stop_hook", when_handover(stop_hook(sdcluster, name, false)));
     vars.insert("stop_hook_post", when_handover(stop_hook(sdcluster, name, true)));
     vars.insert("environment", spec.environment.iter().map(|(k, v)| quote_arg(&format!("{k}={v}"))).collect());
+    vars.insert("state_directory", spec.state_directory.iter().cloned().collect());
+    vars.insert("working_directory", spec.working_directory.iter().map(|p| unit_path(p)).collect());
+    vars.insert("environment_file", spec.environment_file.iter().map(|p| unit_path(p)).collect());
+    vars.insert("credentials", spec.credentials.iter().map(|(name, p)| format!("{name}:{}", unit_path(p))).collect());
+    vars.insert("read_write_paths", spec.read_write_paths.iter().map(|p| unit_path(p)).collect());
+    vars.insert("exit_bad_input", one(sdcluster_protocol::EXIT_BAD_INPUT.to_string()));
     vars.insert("restart_delay", one(duration::to_systemd(spec.restart_delay)));
     vars.insert("restart_steps", if modern { one(RESTART_STEPS.to_string()) } else { none() });
     vars.insert("restart_max_delay", if modern { one(duration::to_systemd(spec.restart_max_delay)) } else { none() });
@@ -143,8 +163,9 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
     vars.insert("private_network", one(if spec.outbound_network { "no" } else { "yes" }.into()));
     vars.insert(
         "address_families",
-        one(if spec.outbound_network { "AF_UNIX AF_INET AF_INET6" } else { "AF_UNIX" }.into()),
+        one(if spec.outbound_network { "AF_UNIX AF_INET AF_INET6 AF_NETLINK" } else { "AF_UNIX" }.into()),
     );
+    vars.insert("memory_deny_write_execute", one(if spec.jit { "no" } else { "yes" }.into()));
     let source = source.display().to_string();
     let mut units = Vec::new();
     let mut add = |file: String, template: &str| {
@@ -260,6 +281,55 @@ mod tests {
             assert!(!off.lines().any(|l| l.starts_with(key)), "{key} with hand-over off:\n{off}");
         }
         assert!(off.contains("\nEnvironment=SDCLUSTER_FDSTORE_MAX=0\n"), "{off}");
+    }
+
+    #[test]
+    fn app_files_and_relaxations_render_one_line_each() {
+        let lines = |unit: &str, key: &str| -> Vec<String> {
+            unit.lines().filter_map(|l| l.strip_prefix(key)).map(str::to_owned).collect()
+        };
+        let (_, plain) = worker_unit("name = \"web\"\ncommand = \"/usr/bin/w\"");
+        for (key, value) in [
+            ("Type=", "notify"),
+            ("MemoryDenyWriteExecute=", "yes"),
+            ("RestrictAddressFamilies=", "AF_UNIX"),
+            ("PrivateNetwork=", "yes"),
+            ("WatchdogSec=", "10s"),
+            ("RestartPreventExitStatus=", "2"),
+        ] {
+            assert_eq!(lines(&plain, key), [value], "{key}");
+        }
+        for key in ["StateDirectory=", "ReadWritePaths=", "WorkingDirectory=", "EnvironmentFile=", "LoadCredential="] {
+            assert!(lines(&plain, key).is_empty(), "{key} without its spec key:\n{plain}");
+        }
+        let (_, node) = worker_unit(
+            "name = \"web\"\ncommand = \"/usr/bin/node /srv/web/server.js\"\nready = \"exec\"\njit = true\n\
+             outbound-network = true\nstate-directory = \"web\"\nread-write-paths = [\"/srv/web/uploads\", \"/srv/100%\"]\n\
+             working-directory = \"/srv/web%i\"\nenvironment-file = \"/etc/web/env\"\n\
+             credentials = { \"tls.key\" = \"/etc/web/key\", db = \"/etc/web/db%n\" }",
+        );
+        for (key, values) in [
+            ("Type=", &["exec"][..]),
+            ("MemoryDenyWriteExecute=", &["no"]),
+            ("RestrictAddressFamilies=", &["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]),
+            ("PrivateNetwork=", &["no"]),
+            ("WatchdogSec=", &[]),
+            ("RestartPreventExitStatus=", &["2"]),
+            ("StateDirectory=", &["web"]),
+            // A literal % is doubled: systemd would take %i for the instance.
+            ("ReadWritePaths=", &["/srv/web/uploads", "/srv/100%%"]),
+            ("WorkingDirectory=", &["/srv/web%%i"]),
+            ("EnvironmentFile=", &["/etc/web/env"]),
+            ("LoadCredential=", &["db:/etc/web/db%%n", "tls.key:/etc/web/key"]),
+        ] {
+            assert_eq!(lines(&node, key), values, "{key}");
+        }
+        // Each relaxation keeps the rest of the sandbox.
+        for key in
+            ["NoNewPrivileges=yes", "ProtectSystem=strict", "SystemCallFilter=@system-service", "PrivateUsers=yes"]
+        {
+            assert!(node.lines().any(|l| l == key), "no {key} in:\n{node}");
+        }
     }
 
     #[test]
