@@ -774,3 +774,245 @@ fn scale_is_refused_while_the_cluster_shuts_down() {
     }
     assert_eq!(cluster.wait_exit(PATIENCE).code(), Some(0), "{}", cluster.stderr());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Any server as a worker: readiness at exec, exit statuses, the keys of a unit's process
+// (tests/fixtures/exec-worker.py, a server that knows nothing of sd_notify)
+
+/// The exec-worker fixture, run through `/usr/bin/env python3`; `None` without python3.
+fn exec_worker() -> Option<Vec<String>> {
+    let mut command = python_worker()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/exec-worker.py");
+    *command.last_mut().expect("a script") = script.display().to_string();
+    Some(command)
+}
+
+/// Writes `dir/app.toml` with `lines` and returns its path, for `sdcluster run FILE`.
+fn spec_file(dir: &TestDir, lines: &str) -> String {
+    let path = dir.join("app.toml");
+    std::fs::write(&path, lines).expect("write the spec");
+    path.display().to_string()
+}
+
+/// `GET path` on the cluster's port: the body, asserting a 200.
+fn body(cluster: &Cluster, path: &str) -> String {
+    let response = http::get(cluster.addr(), path);
+    assert_eq!(response.status, 200, "GET {path}: {response:?}");
+    response.text()
+}
+
+/// The permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+/// `ready = "exec"`: a server that never sends READY=1 is running once its program runs,
+/// serves, and rolls; `LISTEN_FDS` counts only its socket (the fixture takes every counted
+/// fd for a socket, as gunicorn does, and would exit 1 otherwise). Without it (notify), the
+/// same server serves but stays `starting`.
+#[test]
+fn a_server_without_sd_notify_is_ready_once_executed() {
+    let Some(command) = exec_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let dir = TestDir::new("execready");
+    let toml = spec_file(&dir, "ready = \"exec\"\n");
+    let cluster = Cluster::start("execready", &[&toml, "--instances", "2"], &command);
+    let status = cluster.wait_running(2);
+    assert!(status.instances.iter().all(|i| i.restarts == 0 && i.last_exit.is_none()), "{status:?}");
+    assert_eq!(body(&cluster, "/"), "hello from exec-worker\n");
+    assert_eq!(body(&cluster, "/fds"), "LISTEN_FDS=1 LISTEN_FDNAMES=http", "only the socket is counted");
+    let answer = cluster.ctl_ok(&["restart", "--rolling", cluster.name()]);
+    assert_eq!(answer.trim(), "restarted 2 instances one at a time");
+    cluster.wait_for_stderr("exec readiness in the log", |log| {
+        log.contains("its program runs (ready = exec)").then_some(())
+    });
+
+    let notify = Cluster::start("execnotify", &["--instances", "1"], &command);
+    let served = wait_until(PATIENCE, || {
+        let response = http::request(notify.addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        (response.status == 200).then_some(())
+    });
+    assert!(served.is_some(), "the server never answered: {}", notify.stderr());
+    let status = notify.status();
+    assert_eq!(status.instances[0].state, "starting", "no READY=1, no ready: {status:?}");
+}
+
+/// A program that cannot be executed (its interpreter is missing) is reported with the
+/// step and the errno, in the log and in `status`, not as an anonymous `exit 127`; it is
+/// restarted with backoff, as systemd restarts a unit whose exec failed.
+#[test]
+fn a_program_that_cannot_be_executed_says_why() {
+    let dir = TestDir::new("noexec");
+    let script = dir.join("server.js");
+    std::fs::write(&script, "#!/nonexistent/nodee\nlisten({fd: 3})\n").expect("write the script");
+    make_executable(&script);
+    let script = script.display().to_string();
+    let cluster = Cluster::start(
+        "noexec",
+        &["--instances", "1", "--restart-delay", "100ms", "--restart-max-delay", "400ms"],
+        &[&script],
+    );
+    let expected = format!("cannot execute {script}: No such file or directory");
+    let status = cluster.wait_until("two failed execs", |s| (s.instances[0].restarts >= 2).then(|| s.clone()));
+    let exit = status.instances[0].last_exit.clone().expect("a last exit");
+    assert_eq!((exit.reason.as_str(), exit.message.as_deref()), ("exec", Some(expected.as_str())), "{status:?}");
+    let log = cluster.wait_for_stderr("the failed exec in the log", |log| {
+        log.contains(&format!("{expected} (unexpected); restarting in")).then(|| log.to_owned())
+    });
+    assert!(log.contains(&format!("): {expected}")), "{log}");
+    assert!(log.contains(&format!("{expected} (unexpected); restarting in")), "{log}");
+    assert!(!log.contains("exited with status 127"), "{log}");
+    let table = cluster.ctl_ok(&["status", cluster.name()]);
+    assert!(table.contains(&expected), "{table}");
+}
+
+/// Exit status 2 means bad input: the instance is not restarted, `status` says so (JSON and
+/// table), the other instance serves on; `restart --rolling` starts it again, and says so.
+#[test]
+fn bad_input_is_not_restarted_until_a_rolling_restart() {
+    let Some(command) = exec_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let dir = TestDir::new("badinput");
+    let bad = dir.join("exit-status");
+    let toml = spec_file(&dir, "ready = \"exec\"\n");
+    let env = format!("EXEC_WORKER_EXIT={}", bad.display());
+    let cluster = Cluster::start("badinput", &[&toml, "--instances", "2", "--env", &env], &command);
+    let before = pids_by_instance(&cluster.wait_running(2));
+
+    // Bad input for instance 1 only (`ready = exec`: instance 2 may not have read it yet).
+    std::fs::write(&bad, "2\n1\n").expect("a release with bad input");
+    signal_pid(before["1"], libc::SIGKILL);
+    let status = cluster.wait_until("instance 1 failed", |s| (s.instances[0].state == "failed").then(|| s.clone()));
+    let one = &status.instances[0];
+    assert_eq!(one.failed.as_deref(), Some("exited 2 (bad input), not restarted"), "{status:?}");
+    let exit = one.last_exit.clone().expect("a last exit");
+    assert_eq!((exit.reason.as_str(), exit.code, one.pid, one.restarts), ("exited", Some(2), None, 1));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = cluster.status();
+    assert_eq!((status.instances[0].state.as_str(), status.instances[0].restarts), ("failed", 1), "not restarted");
+    assert_eq!(status.instances[1].pid, Some(before["2"]), "the other one serves on");
+    assert_eq!(body(&cluster, "/"), "hello from exec-worker\n");
+    let table = cluster.ctl_ok(&["status", cluster.name()]);
+    let row = table.lines().find(|l| l.starts_with("1 ")).expect("row 1");
+    assert!(row.contains(" failed ") && row.ends_with("failed: exited 2 (bad input), not restarted"), "{table}");
+    cluster.wait_for_stderr("the failure in the log", |log| log.contains("not restarted").then_some(()));
+
+    std::fs::remove_file(&bad).expect("fix the release");
+    let answer = cluster.ctl_ok(&["restart", "--rolling", cluster.name()]);
+    assert_eq!(answer.trim(), "restarted 1 instances one at a time, and started 1 failed instance again (1)");
+    let status = cluster.wait_running(2);
+    assert!(status.instances.iter().all(|i| i.failed.is_none()), "{status:?}");
+}
+
+/// `working-directory`, `environment-file` (systemd's syntax; over the spec's environment,
+/// which is over the inherited one; read at each start), `credentials` (copied at each
+/// start into a private folder, gone when the cluster stops) and `state-directory` (kept
+/// across restarts) under `sdcluster run`; a missing environment file fails the start,
+/// saying so.
+#[test]
+fn the_keys_of_a_units_process_hold_under_run() {
+    let Some(command) = exec_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let dir = TestDir::new("unitkeys");
+    let work = dir.join("work");
+    std::fs::create_dir(&work).expect("a working directory");
+    let env_file = dir.join("app.env");
+    let write_env = |both: &str| {
+        let text = format!("# comment\n; another\n\nBOTH={both}\nSPEC_VS_FILE=\"from the file\"\nQUOTED='a  b'\n");
+        std::fs::write(&env_file, text).expect("write the environment file");
+    };
+    write_env("file");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "s3cret\n").expect("write the secret");
+    let state_base = dir.join("state");
+    let toml = spec_file(
+        &dir,
+        &format!(
+            "ready = \"exec\"\nworking-directory = \"{}\"\nenvironment-file = \"{}\"\n\
+             credentials = {{ token = \"{}\" }}\nstate-directory = \"unitkeys/data\"\n\
+             environment = {{ SPEC_VS_INHERITED = \"spec\", SPEC_VS_FILE = \"spec\" }}\n",
+            work.display(),
+            env_file.display(),
+            secret.display()
+        ),
+    );
+    let state_base_text = state_base.display().to_string();
+    let inherited = [
+        ("FROM_ENV", "inherited"),
+        ("BOTH", "inherited"),
+        ("SPEC_VS_INHERITED", "inherited"),
+        ("SDCLUSTER_STATE_DIR", state_base_text.as_str()),
+    ];
+    let mut cluster = Cluster::start_with_env("unitkeys", &inherited, &[&toml, "--instances", "1"], &command);
+    let pid = cluster.wait_running(1).instances[0].pid.expect("a pid");
+
+    assert_eq!(Path::new(&body(&cluster, "/cwd")), work.canonicalize().unwrap());
+    for (name, value) in [
+        ("FROM_ENV", "inherited"),
+        ("SPEC_VS_INHERITED", "spec"),
+        ("SPEC_VS_FILE", "from the file"),
+        ("BOTH", "file"),
+        ("QUOTED", "a  b"),
+    ] {
+        assert_eq!(body(&cluster, &format!("/env/{name}")), value, "{name}");
+    }
+    assert_eq!(body(&cluster, "/credential/token"), "s3cret\n");
+    let credentials = PathBuf::from(body(&cluster, "/env/CREDENTIALS_DIRECTORY"));
+    assert!(credentials.starts_with(cluster.runtime_dir()), "{}", credentials.display());
+    assert_eq!((mode_of(&credentials), mode_of(&credentials.join("token"))), (0o700, 0o400));
+    let state = PathBuf::from(body(&cluster, "/env/STATE_DIRECTORY"));
+    assert_eq!(state, state_base.join("unitkeys/data"));
+    assert_eq!((mode_of(&state), body(&cluster, "/starts").as_str()), (0o700, "1"));
+
+    // The next start reads the environment file and the credential again; the state stays.
+    write_env("edited");
+    std::fs::write(&secret, "rotated\n").expect("rotate the secret");
+    signal_pid(pid, libc::SIGKILL);
+    let pid = cluster.wait_until("instance 1 back", |s| {
+        let one = &s.instances[0];
+        (one.state == "running" && one.pid.is_some_and(|p| p != pid)).then(|| one.pid.unwrap())
+    });
+    assert_eq!(body(&cluster, "/env/BOTH"), "edited");
+    assert_eq!(body(&cluster, "/credential/token"), "rotated\n");
+    assert_eq!(body(&cluster, "/starts"), "2", "the state directory outlives a restart");
+
+    // No environment file: the start fails, saying why, and is tried again.
+    std::fs::remove_file(&env_file).expect("remove the environment file");
+    signal_pid(pid, libc::SIGKILL);
+    let exit = cluster.wait_until("a start without the environment file", |s| {
+        let one = &s.instances[0];
+        one.last_exit.clone().filter(|e| e.reason == "resources" && one.restarts >= 2)
+    });
+    let message = exit.message.unwrap_or_default();
+    assert_eq!(message, format!("cannot read the environment file {}: No such file or directory", env_file.display()));
+    let logged = format!("cannot start instance 1: {message}");
+    cluster.wait_for_stderr("the failed start in the log", |log| log.contains(&logged).then_some(()));
+    write_env("back");
+    cluster.wait_running(1);
+    assert_eq!(body(&cluster, "/env/BOTH"), "back");
+
+    cluster.signal(libc::SIGTERM);
+    assert_eq!(cluster.wait_exit(PATIENCE).code(), Some(0), "{}", cluster.stderr());
+    assert!(!credentials.exists(), "the credentials are removed with their instance");
+    assert!(state.join("starts").exists(), "the state directory stays");
+}
+
+/// When an instance's main process dies, what is left of its process group (a child it
+/// started, as gunicorn's master starts its workers) is killed too (`KillMode=mixed`).
+#[test]
+fn the_process_group_goes_with_its_main_process() {
+    let Some(command) = exec_worker() else { return };
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let dir = TestDir::new("pgroup");
+    let toml = spec_file(&dir, "ready = \"exec\"\n");
+    let cluster = Cluster::start("pgroup", &[&toml, "--instances", "1", "--env", "EXEC_WORKER_CHILD=1"], &command);
+    let pid = cluster.wait_running(1).instances[0].pid.expect("a pid");
+    let child: u32 = body(&cluster, "/child").parse().expect("the child's pid");
+    assert!(is_alive(child));
+    signal_pid(pid, libc::SIGKILL);
+    wait_all_gone(&[child], PATIENCE);
+    cluster.wait_until("instance 1 back", |s| {
+        s.instances[0].pid.filter(|&p| p != pid && s.instances[0].state == "running")
+    });
+}

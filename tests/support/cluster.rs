@@ -71,10 +71,17 @@ impl Cluster {
     /// Starts `sdcluster run --name NAME --listen 127.0.0.1:PORT ARGS -- COMMAND` and returns
     /// at once; see [`Cluster::wait_running`].
     pub fn start(name: &str, args: &[&str], command: &[&str]) -> Self {
+        Self::start_with_env(name, &[], args, command)
+    }
+
+    /// [`Cluster::start`], with `env` added to the supervisor's environment (which its
+    /// workers inherit).
+    pub fn start_with_env(name: &str, env: &[(&str, &str)], args: &[&str], command: &[&str]) -> Self {
         let dir = TestDir::new(&format!("run-{name}"));
         let addr: SocketAddr = ([127, 0, 0, 1], net::free_port()).into();
         let listen = addr.to_string();
         let mut run = sdcluster_command(dir.path());
+        run.envs(env.iter().copied());
         run.args(["run", "--name", name, "--listen", &listen]).args(args).arg("--").args(command);
         let process = ChildGuard::spawn(&mut run, format!("sdcluster run --name {name}"));
         Self { process, name: name.to_owned(), addr, dir }

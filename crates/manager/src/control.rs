@@ -43,6 +43,12 @@ pub fn handover_dir(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.handover"))
 }
 
+/// The folder of app `name`'s credentials, one private folder per instance
+/// (`$CREDENTIALS_DIRECTORY`), each there while its instance's process runs.
+pub fn credentials_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.credentials"))
+}
+
 /// What a client asks of `sdcluster run`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
@@ -67,8 +73,12 @@ pub enum ControlResponse {
     Status(ClusterStatus),
     /// Every instance was restarted, one at a time, each ready before the next.
     Restarted {
-        /// How many.
+        /// How many running instances were restarted.
         instances: usize,
+        /// The instances that had failed (exited with bad input, not restarted) and were
+        /// started again, by name.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        started: Vec<String>,
     },
     /// The cluster runs `to` instances instead of `from`.
     Scaled {
@@ -103,7 +113,15 @@ impl ControlResponse {
     pub fn human(&self) -> Result<String, String> {
         match self {
             Self::Status(status) => Ok(status.table().trim_end().to_owned()),
-            Self::Restarted { instances } => Ok(format!("restarted {instances} instances one at a time")),
+            Self::Restarted { instances, started } if started.is_empty() => {
+                Ok(format!("restarted {instances} instances one at a time"))
+            }
+            Self::Restarted { instances, started } => Ok(format!(
+                "restarted {instances} instances one at a time, and started {} failed {} again ({})",
+                started.len(),
+                if started.len() == 1 { "instance" } else { "instances" },
+                started.join(", ")
+            )),
             Self::Scaled { to, .. } => Ok(format!("{to} instances")),
             Self::Error { message } => Err(message.clone()),
         }
@@ -195,7 +213,7 @@ mod tests {
                     instances: vec![],
                 }),
             ),
-            (ControlRequest::Restart, ControlResponse::Restarted { instances: 3 }),
+            (ControlRequest::Restart, ControlResponse::Restarted { instances: 3, started: vec![] }),
             (ControlRequest::Scale { instances: Instances::Count(4) }, ControlResponse::Scaled { from: 2, to: 4 }),
             (
                 ControlRequest::Scale { instances: Instances::Auto },
@@ -245,7 +263,17 @@ mod tests {
 
     #[test]
     fn human_output() {
-        assert_eq!(ControlResponse::Restarted { instances: 2 }.human().unwrap(), "restarted 2 instances one at a time");
+        assert_eq!(
+            ControlResponse::Restarted { instances: 2, started: vec![] }.human().unwrap(),
+            "restarted 2 instances one at a time"
+        );
+        assert_eq!(
+            ControlResponse::Restarted { instances: 1, started: vec!["2".into()] }.human().unwrap(),
+            "restarted 1 instances one at a time, and started 1 failed instance again (2)"
+        );
+        // An older sdcluster's answer (no `started`) still reads.
+        let old: ControlResponse = parse_message("{\"response\":\"restarted\",\"instances\":2}").unwrap();
+        assert_eq!(old, ControlResponse::Restarted { instances: 2, started: vec![] });
         assert_eq!(ControlResponse::Scaled { from: 3, to: 1 }.human().unwrap(), "1 instances");
         assert_eq!(ControlResponse::error("no").human().unwrap_err(), "no");
     }

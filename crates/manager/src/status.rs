@@ -58,13 +58,19 @@ pub struct InstanceStatus {
     /// How the instance's previous process ended, if one did.
     #[serde(default)]
     pub last_exit: Option<LastExit>,
+    /// Why the instance stays down and is not restarted, when it failed that way
+    /// (`exited 2 (bad input), not restarted`); `sdcluster restart --rolling` starts it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastExit {
     /// `exited`, `killed` or `dumped` (core); or why the supervisor ended it: `watchdog`,
-    /// `start-timeout`, `stop-timeout` (systemd's `Result=` for the other failures).
+    /// `start-timeout`, `stop-timeout` (systemd's `Result=` for the other failures); `exec`
+    /// when its program could not be executed, `resources` when its start could not be
+    /// prepared (an environment file, a credential): [`LastExit::message`] says why.
     pub reason: String,
     /// The exit status, for `exited`.
     #[serde(default)]
@@ -72,19 +78,45 @@ pub struct LastExit {
     /// The signal (`SIGKILL`), when a signal ended it.
     #[serde(default)]
     pub signal: Option<String>,
+    /// For people, when the reason needs it: "cannot execute /usr/bin/nodee: No such file or
+    /// directory".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl LastExit {
     /// From a `waitpid` result: exit status `code`, or the signal (with a core dump or not).
     pub fn from_wait(code: Option<i32>, signal: Option<&str>, core: bool) -> Self {
         match (code, signal) {
-            (Some(code), _) => Self { reason: "exited".into(), code: Some(code), signal: None },
+            (Some(code), _) => Self { reason: "exited".into(), code: Some(code), signal: None, message: None },
             (None, signal) => Self {
                 reason: if core { "dumped" } else { "killed" }.into(),
                 code: None,
                 signal: signal.map(str::to_owned),
+                message: None,
             },
         }
+    }
+
+    /// A process that never became its program (`code`: the exit status it then had).
+    pub fn exec_failed(message: impl Into<String>, code: Option<i32>) -> Self {
+        Self { reason: "exec".into(), code, signal: None, message: Some(message.into()) }
+    }
+
+    /// A start that failed before any process (systemd's `Result=resources`).
+    pub fn start_failed(message: impl Into<String>) -> Self {
+        Self { reason: "resources".into(), code: None, signal: None, message: Some(message.into()) }
+    }
+
+    /// Exited with [`EXIT_BAD_INPUT`](sdcluster_protocol::EXIT_BAD_INPUT): restarting won't help.
+    pub fn is_bad_input(&self) -> bool {
+        self.reason == "exited" && self.code == Some(i32::from(sdcluster_protocol::EXIT_BAD_INPUT))
+    }
+
+    /// What `status` says of an instance this exit left down, under either supervisor:
+    /// "exited 2 (bad input), not restarted".
+    pub fn not_restarted(&self) -> String {
+        format!("{self}, not restarted")
     }
 
     /// The same end, ascribed to the supervisor's `reason` (`watchdog`, `start-timeout`).
@@ -98,6 +130,12 @@ impl LastExit {
 
 impl std::fmt::Display for LastExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(message) = &self.message {
+            return f.write_str(message);
+        }
+        if self.is_bad_input() {
+            return write!(f, "exited {} (bad input)", sdcluster_protocol::EXIT_BAD_INPUT);
+        }
         match (self.reason.as_str(), self.code, &self.signal) {
             ("exited", Some(code), _) => write!(f, "exited {code}"),
             ("killed", _, Some(sig)) => write!(f, "killed by {sig}"),
@@ -239,7 +277,7 @@ impl ClusterStatus {
                     i.request_rate.map_or_else(dash, human_rate),
                     i.open_connections.map_or_else(dash, human_count),
                     i.last_exit.as_ref().map_or_else(dash, ToString::to_string),
-                    i.status_text.clone(),
+                    i.failed.as_ref().map_or_else(|| i.status_text.clone(), |why| format!("failed: {why}")),
                 ]
             })
             .collect();
@@ -482,6 +520,7 @@ mod tests {
             request_rate: None,
             open_connections: None,
             last_exit: None,
+            failed: None,
         }
     }
 
@@ -589,6 +628,37 @@ mod tests {
         let mut other = cluster(vec![instance("1", Some(10), "running")]);
         other.fill_counters(&[]);
         assert!(!other.has_counters());
+    }
+
+    #[test]
+    fn a_failed_instance_says_why_it_is_not_restarted() {
+        let bad = LastExit::from_wait(Some(2), None, false);
+        assert!(bad.is_bad_input() && !LastExit::from_wait(Some(1), None, false).is_bad_input());
+        assert_eq!(bad.to_string(), "exited 2 (bad input)");
+        assert_eq!(bad.not_restarted(), "exited 2 (bad input), not restarted");
+        let mut one = instance("1", None, "failed");
+        one.status_text = "serving".into();
+        one.last_exit = Some(bad.clone());
+        one.failed = Some(bad.not_restarted());
+        let exec = LastExit::exec_failed("cannot execute /usr/bin/nodee: No such file or directory", Some(127));
+        let mut two = instance("2", None, "restarting");
+        two.last_exit = Some(exec.clone());
+        let status = cluster(vec![one, two]);
+        let table = status.table();
+        let rows: Vec<&str> = table.lines().skip(2).collect();
+        assert!(rows[0].contains(" failed ") && rows[0].contains(" exited 2 (bad input) "), "{table}");
+        assert!(rows[0].ends_with(" failed: exited 2 (bad input), not restarted"), "{table}");
+        assert!(rows[1].ends_with("cannot execute /usr/bin/nodee: No such file or directory"), "{table}");
+        // JSON: the new fields are there, and absent where they say nothing.
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(json.contains("\"failed\":\"exited 2 (bad input), not restarted\""), "{json}");
+        assert!(
+            json.contains("\"reason\":\"exec\",\"code\":127,\"signal\":null,\"message\":\"cannot execute"),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ClusterStatus>(&json).unwrap(), status);
+        let plain = serde_json::to_string(&cluster(vec![instance("1", Some(1), "running")])).unwrap();
+        assert!(!plain.contains("failed") && !plain.contains("message"), "{plain}");
     }
 
     #[test]

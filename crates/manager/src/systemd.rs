@@ -355,11 +355,17 @@ fn persist_instances(app: &str, n: Instances) -> Result<(), OpsError> {
 /// as they were ([`OpsError::NotReady`]).
 pub fn rolling_restart(app: &str, mut progress: impl FnMut(&str)) -> Result<usize, OpsError> {
     require_booted()?;
-    let instances: Vec<u32> = known_instances(app)?.restarted().into_iter().collect();
+    let known = known_instances(app)?;
+    let instances: Vec<u32> = known.restarted().into_iter().collect();
     try_canary(app, &instances, &mut progress)?;
     for (done, &k) in instances.iter().enumerate() {
         let name = unit(app, k);
-        progress(&name);
+        // A failed unit (bad input: not restarted by systemd) is started by its restart job.
+        if known.state(k) == "failed" {
+            progress(&format!("{name} (it had failed: starting it again)"));
+        } else {
+            progress(&name);
+        }
         let restarted = systemctl(&["restart", &name]);
         let p = show(&name, &["ActiveState", "SubState"])?;
         let get = |key: &str| p.get(key).map(String::as_str).unwrap_or("");
@@ -453,6 +459,8 @@ pub fn status(app: &str) -> Result<ClusterStatus, OpsError> {
         let pid = number("MainPID").filter(|&p| p > 0).map(|p| p as u32);
         let (rss, cpu) = pid.map_or((None, None), process_usage);
         let started = number("ExecMainStartTimestampMonotonic").filter(|&t| t > 0);
+        let last = last_exit(get("ExecMainCode"), get("ExecMainStatus"), get("Result"))
+            .or_else(|| journal_last_exit(&unit(app, k)));
         out.push(InstanceStatus {
             instance: k.to_string(),
             pid,
@@ -465,8 +473,8 @@ pub fn status(app: &str) -> Result<ClusterStatus, OpsError> {
             requests: None,
             request_rate: None,
             open_connections: None,
-            last_exit: last_exit(get("ExecMainCode"), get("ExecMainStatus"), get("Result"))
-                .or_else(|| journal_last_exit(&unit(app, k))),
+            failed: failed_for_good(get("ActiveState"), last.as_ref()),
+            last_exit: last,
         });
     }
     let mut status = ClusterStatus { app: app.into(), supervisor: "systemd".into(), listen, instances: out };
@@ -474,6 +482,14 @@ pub fn status(app: &str) -> Result<ClusterStatus, OpsError> {
     let table = MetricsTable::open_existing(Path::new(&metrics_file(app))).ok();
     status.fill_counters(&Counters::of_table(table.as_ref()));
     Ok(status)
+}
+
+/// Why a unit stays down: it failed with exit status 2 (bad input), which the workers'
+/// `RestartPreventExitStatus=` keeps from being restarted; the same words as under
+/// `sdcluster run`.
+fn failed_for_good(active: &str, last: Option<&LastExit>) -> Option<String> {
+    let last = last.filter(|l| active == "failed" && l.is_bad_input())?;
+    Some(last.not_restarted())
 }
 
 /// The metrics table the app's workers share under systemd.
@@ -548,7 +564,7 @@ fn journal_exit(json_lines: &str) -> Option<LastExit> {
             let before = before.filter(|e| field(e, "MESSAGE_ID").as_deref() == Some(PROCESS_EXIT_MESSAGE));
             match before.and_then(exit) {
                 Some(e) => Some(e.because(cause(&result))),
-                None => Some(LastExit { reason: result, code: None, signal: None }),
+                None => Some(LastExit { reason: result, code: None, signal: None, message: None }),
             }
         }
         _ => None,
@@ -643,6 +659,12 @@ mod tests {
         assert_eq!(shown("1", "3", "exit-code").as_deref(), Some("exited 3"));
         assert_eq!(shown("2", "9", "signal").as_deref(), Some("killed by SIGKILL"));
         assert_eq!(shown("3", "6", "watchdog").as_deref(), Some("watchdog"));
+        // Exit status 2 is bad input: a failed unit is not restarted (RestartPreventExitStatus=2).
+        let bad = last_exit("1", "2", "exit-code");
+        assert_eq!(bad.as_ref().map(ToString::to_string).as_deref(), Some("exited 2 (bad input)"));
+        assert_eq!(failed_for_good("failed", bad.as_ref()).as_deref(), Some("exited 2 (bad input), not restarted"));
+        assert_eq!(failed_for_good("activating", bad.as_ref()), None, "restarting after all (older units)");
+        assert_eq!(failed_for_good("failed", last_exit("1", "1", "exit-code").as_ref()), None);
         let entry = |id: &str, fields: &str| format!("{{\"MESSAGE_ID\":\"{id}\"{fields}}}");
         let exit = entry(PROCESS_EXIT_MESSAGE, ",\"EXIT_CODE\":\"dumped\",\"EXIT_STATUS\":\"6\"");
         let failed = entry(FAILURE_RESULT_MESSAGE, ",\"UNIT_RESULT\":\"watchdog\"");

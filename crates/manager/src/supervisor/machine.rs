@@ -2,11 +2,19 @@
 //! data, [`Machine::handle`] turns an [`Event`] at a given time into the next state and the
 //! [`Action`]s the supervisor then performs (spawn, signal, hand-over flag, fd store). No
 //! process is touched here, so every transition is unit-tested without one.
+//!
+//! Exit statuses mean what they say: a worker that exits with
+//! [`EXIT_BAD_INPUT`](sdcluster_protocol::EXIT_BAD_INPUT) (its configuration or input is
+//! wrong: restarting won't help) is not restarted but [`Life::Failed`], as systemd's
+//! `RestartPreventExitStatus=` leaves it, until a rolling restart starts it again.
 
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use sdcluster_protocol::EXIT_BAD_INPUT;
+
+use crate::spec::Readiness;
 
 /// A worker up this long after `READY=1` is no longer part of a crash loop.
 pub const STABLE_AFTER: Duration = Duration::from_secs(1);
@@ -68,6 +76,14 @@ pub enum Life {
     },
     /// Stays stopped (shutdown, scale-down).
     Stopped,
+    /// Its process exited with [`EXIT_BAD_INPUT`] by itself: not restarted (its fd store
+    /// dropped) until a rolling restart or `Stop(RestartNow)` starts it again.
+    Failed {
+        /// When it exited.
+        at: Instant,
+        /// Its exit status.
+        status: i32,
+    },
 }
 
 /// What happened to an instance.
@@ -79,12 +95,14 @@ pub enum Event {
     Spawned(Pid),
     /// [`Action::Spawn`] failed.
     SpawnFailed(String),
-    /// The main process exited (`how`, for people); `clean` when with status 0.
+    /// The spawned process executed its program (its exec pipe closed).
+    Executed,
+    /// The main process exited (`how`, for people).
     Exited {
-        /// "exited with status 1", "was killed by SIGKILL".
+        /// "exited with status 1", "was killed by SIGKILL", "cannot execute ...".
         how: String,
-        /// Exit status 0.
-        clean: bool,
+        /// Its exit status; `None` when a signal ended it.
+        status: Option<i32>,
     },
     /// `READY=1`.
     Ready,
@@ -131,6 +149,8 @@ pub struct Timing {
     pub restart_delay: Duration,
     /// Ceiling of that delay in a crash loop.
     pub restart_max_delay: Duration,
+    /// When a started process is ready: at `READY=1`, or once its program was executed.
+    pub ready: Readiness,
 }
 
 /// One instance's state and counters.
@@ -159,7 +179,7 @@ impl Machine {
     pub fn pid(&self) -> Option<Pid> {
         match self.life {
             Life::Starting { pid, .. } | Life::Running { pid, .. } | Life::Stopping { pid, .. } => Some(pid),
-            Life::Waiting { .. } | Life::Stopped => None,
+            Life::Waiting { .. } | Life::Stopped | Life::Failed { .. } => None,
         }
     }
 
@@ -167,7 +187,7 @@ impl Machine {
     pub fn since(&self) -> Option<Instant> {
         match self.life {
             Life::Starting { since, .. } | Life::Running { since, .. } | Life::Stopping { since, .. } => Some(since),
-            Life::Waiting { .. } | Life::Stopped => None,
+            Life::Waiting { .. } | Life::Stopped | Life::Failed { .. } => None,
         }
     }
 
@@ -179,7 +199,13 @@ impl Machine {
             Life::Running { .. } => "running",
             Life::Stopping { .. } => "stopping",
             Life::Stopped => "stopped",
+            Life::Failed { .. } => "failed",
         }
+    }
+
+    /// Whether it failed and is not restarted ([`Life::Failed`]).
+    pub fn is_failed(&self) -> bool {
+        matches!(self.life, Life::Failed { .. })
     }
 
     /// Whether it serves (sent `READY=1`, not stopping).
@@ -187,7 +213,8 @@ impl Machine {
         matches!(self.life, Life::Running { .. })
     }
 
-    /// Whether it is stopped or on its way to stay stopped.
+    /// Whether it is stopped or on its way to stay stopped (a failed instance is neither:
+    /// it still counts as one of the cluster's, and a rolling restart starts it again).
     pub fn stays_stopped(&self) -> bool {
         matches!(self.life, Life::Stopped | Life::Stopping { then: Then::Stay, .. })
     }
@@ -199,7 +226,7 @@ impl Machine {
             Life::Starting { since, .. } => Some(since + t.start_timeout),
             Life::Running { last_ping, .. } => t.watchdog.map(|w| last_ping + w),
             Life::Stopping { deadline, killed: false, .. } => Some(deadline),
-            Life::Stopping { killed: true, .. } | Life::Stopped => None,
+            Life::Stopping { killed: true, .. } | Life::Stopped | Life::Failed { .. } => None,
         }
     }
 
@@ -230,6 +257,11 @@ impl Machine {
                 self.life = Life::Running { pid, since, ready_at: now, last_ping: now };
                 vec![Action::Ready]
             }
+            (Life::Starting { pid, since }, Event::Executed) if t.ready == Readiness::Exec => {
+                tracing::info!("instance {name} ready (pid {pid}): its program runs (ready = exec)");
+                self.life = Life::Running { pid, since, ready_at: now, last_ping: now };
+                vec![Action::Ready]
+            }
             (Life::Starting { pid, since }, Event::Tick) if since + t.start_timeout <= now => {
                 tracing::warn!("instance {name} sent no READY=1 within {:?}: stopping it", t.start_timeout);
                 self.life = stopping(pid, since, None, Then::Restart, now + t.stop_timeout);
@@ -237,13 +269,21 @@ impl Machine {
                 let why = format!("sent no READY=1 within {:?}", t.start_timeout);
                 vec![Action::Signal(pid, Signal::SIGTERM), Action::NotReady(why)]
             }
-            (Life::Starting { pid, .. }, Event::Exited { how, clean }) => {
-                let actions = vec![Action::NotReady(how.clone())];
-                self.crashed(pid, None, &how, clean, now, t);
+            (Life::Starting { pid, .. }, Event::Exited { how, status: Some(status) }) if status == bad_input() => {
+                let mut actions = vec![Action::NotReady(format!("{how} (bad input: not restarted)"))];
+                actions.extend(self.failed(pid, &how, status, now));
                 actions
             }
-            (Life::Running { pid, ready_at, .. }, Event::Exited { how, clean }) => {
-                self.crashed(pid, Some(ready_at), &how, clean, now, t);
+            (Life::Running { pid, .. }, Event::Exited { how, status: Some(status) }) if status == bad_input() => {
+                self.failed(pid, &how, status, now)
+            }
+            (Life::Starting { pid, .. }, Event::Exited { how, status }) => {
+                let actions = vec![Action::NotReady(how.clone())];
+                self.crashed(pid, None, &how, status == Some(0), now, t);
+                actions
+            }
+            (Life::Running { pid, ready_at, .. }, Event::Exited { how, status }) => {
+                self.crashed(pid, Some(ready_at), &how, status == Some(0), now, t);
                 vec![]
             }
             (Life::Running { pid, since, ready_at, .. }, Event::Ping) => {
@@ -311,7 +351,13 @@ impl Machine {
                 self.stop_cause = self.stop_cause.or(Some("stop-timeout"));
                 vec![Action::Signal(pid, Signal::SIGKILL)]
             }
-            (Life::Stopping { pid, ready_at, then, .. }, Event::Exited { how, clean }) => match then {
+            // It stopped by itself (STOPPING=1), nobody made it: its exit status stands.
+            (Life::Stopping { pid, then: Then::Restart, .. }, Event::Exited { how, status: Some(status) })
+                if status == bad_input() && self.stop_cause.is_none() =>
+            {
+                self.failed(pid, &how, status, now)
+            }
+            (Life::Stopping { pid, ready_at, then, .. }, Event::Exited { how, status }) => match then {
                 Then::Stay => {
                     tracing::info!("instance {name} (pid {pid}) {how}");
                     self.life = Life::Stopped;
@@ -323,12 +369,34 @@ impl Machine {
                     vec![Action::RemoveHandoverFlag]
                 }
                 Then::Restart => {
-                    self.crashed(pid, ready_at, &how, clean, now, t);
+                    self.crashed(pid, ready_at, &how, status == Some(0), now, t);
                     vec![Action::RemoveHandoverFlag]
                 }
             },
+
+            (Life::Failed { .. }, Event::Stop(Then::Stay)) => {
+                self.life = Life::Stopped;
+                vec![Action::RemoveHandoverFlag, Action::DropStore]
+            }
+            (Life::Failed { .. }, Event::Stop(Then::RestartNow)) => {
+                tracing::info!("instance {name} had failed: starting it again");
+                self.crashes = 0;
+                self.life = Life::Waiting { until: now };
+                vec![]
+            }
             _ => vec![],
         }
+    }
+
+    /// An end with [`EXIT_BAD_INPUT`]: no restart; its store goes (systemd releases a failed
+    /// unit's fd store).
+    fn failed(&mut self, pid: Pid, how: &str, status: i32, now: Instant) -> Vec<Action> {
+        tracing::error!(
+            "instance {} (pid {pid}) {how}: bad input (exit status {EXIT_BAD_INPUT}): restarting won't help, not restarted; fix it, then `sdcluster restart --rolling`",
+            self.name
+        );
+        self.life = Life::Failed { at: now, status };
+        vec![Action::RemoveHandoverFlag, Action::DropStore]
     }
 
     /// An unplanned end: count it and wait the backed-off delay.
@@ -345,6 +413,10 @@ impl Machine {
 
 fn stopping(pid: Pid, since: Instant, ready_at: Option<Instant>, then: Then, deadline: Instant) -> Life {
     Life::Stopping { pid, since, ready_at, then, deadline, killed: false }
+}
+
+fn bad_input() -> i32 {
+    i32::from(EXIT_BAD_INPUT)
 }
 
 /// The restart delay after the `crashes`-th death in a row: the spec's delay first, then
@@ -370,6 +442,7 @@ mod tests {
             watchdog: Some(1_000 * MS),
             restart_delay: 100 * MS,
             restart_max_delay: 2_000 * MS,
+            ready: Readiness::Notify,
         }
     }
 
@@ -384,7 +457,7 @@ mod tests {
     }
 
     fn exited(status: i32) -> Event {
-        Event::Exited { how: format!("exited with status {status}"), clean: status == 0 }
+        Event::Exited { how: format!("exited with status {status}"), status: Some(status) }
     }
 
     const PID: Pid = Pid::from_raw(42);
@@ -485,7 +558,7 @@ mod tests {
         assert_eq!(m.handle(Event::Tick, t0 + 1_900 * MS, &t), [Action::Signal(PID, Signal::SIGABRT)]);
         assert!(matches!(m.life, Life::Stopping { then: Then::Restart, .. }));
         let actions =
-            m.handle(Event::Exited { how: "was killed by SIGABRT".into(), clean: false }, t0 + 2_000 * MS, &t);
+            m.handle(Event::Exited { how: "was killed by SIGABRT".into(), status: None }, t0 + 2_000 * MS, &t);
         assert_eq!(actions, [Action::RemoveHandoverFlag]);
         assert_eq!(m.restarts, 1, "a watchdog kill is a crash");
         assert_eq!(m.stop_cause, Some("watchdog"), "what status shows for its exit");
@@ -581,5 +654,80 @@ mod tests {
             actions,
             [Action::Signal(PID, Signal::SIGABRT), Action::NotReady("it stopped before READY=1".into())]
         );
+    }
+
+    #[test]
+    fn ready_exec_is_ready_once_the_program_runs() {
+        let t0 = Instant::now();
+        let exec = Timing { ready: Readiness::Exec, ..timing() };
+        let mut m = Machine::new("1", t0);
+        m.handle(Event::Spawned(PID), t0, &exec);
+        assert_eq!(m.state_name(), "starting");
+        assert_eq!(m.handle(Event::Executed, t0 + MS, &exec), [Action::Ready]);
+        assert_eq!(m.life, Life::Running { pid: PID, since: t0, ready_at: t0 + MS, last_ping: t0 + MS });
+        // With notify readiness, the exec is no READY=1.
+        let mut n = Machine::new("1", t0);
+        n.handle(Event::Spawned(PID), t0, &timing());
+        assert!(n.handle(Event::Executed, t0 + MS, &timing()).is_empty());
+        assert_eq!(n.state_name(), "starting");
+        assert_eq!(n.handle(Event::Ready, t0 + 2 * MS, &timing()), [Action::Ready]);
+        assert!(n.handle(Event::Executed, t0 + 3 * MS, &timing()).is_empty(), "no second Ready");
+    }
+
+    #[test]
+    fn bad_input_is_not_restarted_until_a_rolling_restart() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = running(t0);
+        assert_eq!(m.handle(exited(2), t0 + MS, &t), [Action::RemoveHandoverFlag, Action::DropStore]);
+        assert_eq!(m.life, Life::Failed { at: t0 + MS, status: 2 });
+        assert_eq!((m.state_name(), m.restarts, m.pid()), ("failed", 0, None));
+        assert!(m.is_failed() && !m.stays_stopped(), "a failed instance still counts (scale, roll)");
+        assert_eq!(m.next_deadline(&t), None);
+        assert!(m.handle(Event::Tick, t0 + 60_000 * MS, &t).is_empty(), "never restarted by itself");
+        // A rolling restart starts it again, at once and with a fresh backoff.
+        assert!(m.handle(Event::Stop(Then::RestartNow), t0 + 2 * MS, &t).is_empty());
+        assert_eq!((m.life.clone(), m.crashes), (Life::Waiting { until: t0 + 2 * MS }, 0));
+        assert_eq!(m.handle(Event::Tick, t0 + 2 * MS, &t), [Action::Spawn]);
+        // Exiting 2 before READY=1: not ready (a roll stops), and failed.
+        m.handle(Event::Spawned(PID), t0 + 3 * MS, &t);
+        let actions = m.handle(exited(2), t0 + 4 * MS, &t);
+        assert_eq!(
+            actions,
+            [
+                Action::NotReady("exited with status 2 (bad input: not restarted)".into()),
+                Action::RemoveHandoverFlag,
+                Action::DropStore
+            ]
+        );
+        assert!(m.is_failed());
+        // Scale-down or shutdown: stopped for good.
+        assert_eq!(m.handle(Event::Stop(Then::Stay), t0 + 5 * MS, &t), [Action::RemoveHandoverFlag, Action::DropStore]);
+        assert_eq!(m.life, Life::Stopped);
+    }
+
+    #[test]
+    fn bad_input_counts_only_when_the_worker_ended_by_itself() {
+        let t0 = Instant::now();
+        let t = timing();
+        // STOPPING=1 of its own, then exit 2: failed.
+        let mut m = running(t0);
+        m.handle(Event::Stopping, t0, &t);
+        assert_eq!(m.handle(exited(2), t0 + MS, &t), [Action::RemoveHandoverFlag, Action::DropStore]);
+        assert!(m.is_failed());
+        // Killed by the watchdog (it caught SIGABRT and exited 2): a crash, restarted.
+        let mut w = running(t0);
+        w.handle(Event::Tick, t0 + 1_000 * MS, &t);
+        assert_eq!(w.handle(exited(2), t0 + 1_001 * MS, &t), [Action::RemoveHandoverFlag]);
+        assert!(matches!(w.life, Life::Waiting { .. }) && w.restarts == 1, "{:?}", w.life);
+        // A planned restart: it starts again whatever its status.
+        let mut r = running(t0);
+        r.handle(Event::Stop(Then::RestartNow), t0, &t);
+        assert_eq!(r.handle(exited(2), t0 + MS, &t), [Action::RemoveHandoverFlag]);
+        assert_eq!(r.life, Life::Waiting { until: t0 + MS });
+        // Any other status is a crash, as before.
+        let mut c = running(t0);
+        assert!(c.handle(exited(1), t0 + MS, &t).is_empty());
+        assert!(matches!(c.life, Life::Waiting { .. }));
     }
 }

@@ -8,12 +8,21 @@
 //!
 //! Each instance's lifecycle is the pure state machine of [`machine`]; this module is the
 //! executor that feeds it events and performs its actions.
+//!
+//! Each start gets what systemd would give a unit's process ([`environment`]): one
+//! environment map (inherited, the spec's, the environment file's, then the supervisor's
+//! own), its credentials copied into a private folder, its state directory; it is ready at
+//! `READY=1`, or (`ready = exec`) once its program was executed, which its exec pipe says
+//! ([`spawn`]). When an instance's main process ends, whatever is left of its process group
+//! is killed, as systemd's `KillMode=mixed` does with the unit's cgroup.
 
+mod environment;
 mod fdstore;
 mod machine;
 mod roll;
 mod spawn;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
@@ -22,10 +31,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 use sdcluster_protocol::listen_fds::BALANCE_FD_NAME;
-use sdcluster_protocol::metrics::{METRICS_FD_NAME, MetricsTable};
+use sdcluster_protocol::metrics::{METRICS_FD_NAME, METRICS_FILE_ENV, MetricsTable};
 use sdcluster_protocol::notify::Notification;
 use sdcluster_protocol::{BindError, Listener, balance, handover};
 use tokio::io::unix::AsyncFd;
@@ -37,7 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use fdstore::FdStore;
 use machine::{Action, Event, Machine, Then, Timing};
 use roll::{CANARY, Roll, RollStep};
-use spawn::Launch;
+use spawn::{ExecFailure, ExecOutcome, ExecPipe, Launch};
 
 use crate::control::{self, ControlRequest, ControlResponse};
 use crate::spec::{Balance, Spec};
@@ -91,6 +100,12 @@ struct Instance {
     status_text: String,
     /// How its previous process ended, for `sdcluster status`.
     last_exit: Option<LastExit>,
+    /// The current process's exec pipe, until it says whether the program runs.
+    exec: Option<(Pid, ExecPipe)>,
+    /// The current process could not execute its program: why (it exits 127 next).
+    exec_failure: Option<(Pid, ExecFailure)>,
+    /// Its private credentials folder (`$CREDENTIALS_DIRECTORY`), while a process runs.
+    credentials: PathBuf,
 }
 
 impl Instance {
@@ -116,6 +131,11 @@ pub struct Supervisor {
     /// process's mapping of it, for `status`.
     metrics_table: OwnedFd,
     metrics: MetricsTable,
+    /// The environment this process was given, less what describes its own supervisor.
+    inherited: Vec<(String, String)>,
+    /// Pids whose exec pipe became readable (from a small task per start).
+    exec_ready: mpsc::UnboundedSender<Pid>,
+    exec_reports: Option<mpsc::UnboundedReceiver<Pid>>,
     instances: Vec<Instance>,
     roll: Option<Roll>,
     roll_waiters: Vec<oneshot::Sender<ControlResponse>>,
@@ -164,7 +184,9 @@ impl Supervisor {
             watchdog: spec.watchdog,
             restart_delay: spec.restart_delay,
             restart_max_delay: spec.restart_max_delay,
+            ready: spec.ready,
         };
+        let (exec_ready, exec_reports) = mpsc::unbounded_channel();
         let mut supervisor = Self {
             spec,
             dir,
@@ -173,6 +195,9 @@ impl Supervisor {
             balance_table,
             metrics_table,
             metrics,
+            inherited: environment::inherited(std::env::vars()).into_iter().collect(),
+            exec_ready,
+            exec_reports: Some(exec_reports),
             instances: Vec::new(),
             roll: None,
             roll_waiters: Vec::new(),
@@ -196,6 +221,10 @@ impl Supervisor {
         for &i in live.iter().skip(n as usize) {
             self.deliver(i, Event::Stop(Then::Stay));
         }
+        if !self.shutting_down {
+            // Those without a process (waiting, failed) are stopped at once: gone.
+            self.instances.retain(|i| i.machine.life != machine::Life::Stopped);
+        }
         let mut next = self.instances.iter().filter_map(|i| i.name().parse::<u32>().ok()).max().unwrap_or(0);
         for _ in live.len()..n as usize {
             next += 1;
@@ -211,26 +240,25 @@ impl Supervisor {
             Balance::Reuseport => self.spec.listen.iter().map(|a| a.bind(true)).collect::<Result<Vec<_>, _>>()?,
             Balance::Shared => Vec::new(),
         };
-        let mut fds: Vec<(i32, String)> =
+        // LISTEN_FDS carries only what systemd would pass: the listeners (then the store).
+        // The tables follow, uncounted, named by the variables the reference worker reads
+        // under systemd too.
+        let fds: Vec<(i32, String)> =
             self.shared.iter().chain(&own_sockets).map(|l| (l.as_raw_fd(), "http".to_owned())).collect();
+        let mut tables = Vec::new();
         if let Some(table) = &self.balance_table {
-            fds.push((table.as_raw_fd(), BALANCE_FD_NAME.to_owned()));
+            tables.push((table.as_raw_fd(), sdcluster_protocol::env::BALANCE_FILE.to_owned()));
         }
-        fds.push((self.metrics_table.as_raw_fd(), METRICS_FD_NAME.to_owned()));
+        tables.push((self.metrics_table.as_raw_fd(), METRICS_FILE_ENV.to_owned()));
         let flag = control::handover_dir(&self.dir, &self.spec.name).join(&name);
-        let mut env: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| {
-                !k.starts_with("LISTEN_")
-                    && !k.starts_with("WATCHDOG_")
-                    && k != "NOTIFY_SOCKET"
-                    && k != handover::HANDOVER_FLAG_ENV
-                    && k != handover::SYSTEMD_FDSTORE_ENV
-            })
-            .collect();
-        env.extend(self.spec.worker_environment(&name));
-        env.push(("NOTIFY_SOCKET".into(), control::notify_path(&self.dir, &self.spec.name).display().to_string()));
-        env.push((handover::HANDOVER_FLAG_ENV.into(), flag.display().to_string()));
-        let launch = Launch::new(&self.spec.command, &env, fds, self.spec.watchdog.map(|d| d.as_micros() as u64));
+        let launch = Launch::new(
+            &self.spec.command,
+            fds,
+            tables,
+            self.spec.watchdog.map(|d| d.as_micros() as u64),
+            self.spec.working_directory.as_deref(),
+        );
+        let credentials = control::credentials_dir(&self.dir, &self.spec.name).join(&name);
         Ok(Instance {
             machine: Machine::new(name, Instant::now()),
             launch,
@@ -239,7 +267,77 @@ impl Supervisor {
             flag,
             status_text: String::new(),
             last_exit: None,
+            exec: None,
+            exec_failure: None,
+            credentials,
         })
+    }
+
+    /// The whole environment of instance `idx`'s next process (without the sd_listen_fds
+    /// variables, which [`Launch::spawn`] adds), its credentials written and its state
+    /// directory made: what can fail here fails the start, with a message.
+    fn start_environment(&self, idx: usize) -> Result<BTreeMap<String, String>, String> {
+        let i = &self.instances[idx];
+        let worker = self.spec.worker_environment(i.name());
+        let file = match &self.spec.environment_file {
+            Some(path) => environment::read_environment_file(path)?,
+            None => Vec::new(),
+        };
+        let mut own = vec![
+            ("NOTIFY_SOCKET".to_owned(), control::notify_path(&self.dir, &self.spec.name).display().to_string()),
+            (handover::HANDOVER_FLAG_ENV.to_owned(), i.flag.display().to_string()),
+        ];
+        if let Some(name) = &self.spec.state_directory {
+            let root = nix::unistd::geteuid().is_root();
+            let base = environment::state_base(root, |k| std::env::var(k).ok())?;
+            let dir = environment::prepare_state_directory(&base, name)?;
+            own.push(("STATE_DIRECTORY".to_owned(), dir.display().to_string()));
+        }
+        if !self.spec.credentials.is_empty() {
+            environment::write_credentials(&i.credentials, &self.spec.credentials)?;
+            own.push(("CREDENTIALS_DIRECTORY".to_owned(), i.credentials.display().to_string()));
+        }
+        Ok(environment::layered([&self.inherited[..], &worker, &file, &own]))
+    }
+
+    /// Learns from instance `idx`'s exec pipe whether its process runs its program, if the
+    /// pipe says so yet (it never blocks).
+    fn resolve_exec(&mut self, idx: usize) {
+        let i = &mut self.instances[idx];
+        let Some((pid, pipe)) = &i.exec else { return };
+        let pid = *pid;
+        match pipe.check() {
+            ExecOutcome::Pending => {}
+            ExecOutcome::Executed => {
+                i.exec = None;
+                if i.machine.pid() == Some(pid) {
+                    self.deliver(idx, Event::Executed);
+                }
+            }
+            ExecOutcome::Failed(failure) => {
+                i.exec = None;
+                tracing::error!("instance {} (pid {pid}): {failure}", i.machine.name);
+                i.exec_failure = Some((pid, failure));
+            }
+        }
+    }
+
+    /// Wakes the main loop with `pid` once `pipe` is readable (the program runs, or a report
+    /// of why not is there), on a task of its own: the loop never waits for it.
+    fn watch_exec(&self, pid: Pid, pipe: &ExecPipe) {
+        let Ok(fd) = pipe.fd().try_clone() else { return };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return; // no runtime (a unit test): the tick and the exit read the pipe
+        }
+        let wake = self.exec_ready.clone();
+        tokio::spawn(async move {
+            // SAFETY: the task owns the fd (a dup of the pipe), open and unchanged while the
+            // AsyncFd lives.
+            if let Ok(fd) = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+                let _ = fd.readable().await;
+            }
+            let _ = wake.send(pid);
+        });
     }
 
     /// Supervises until SIGTERM/SIGINT, then drains every worker and returns.
@@ -261,6 +359,7 @@ impl Supervisor {
         let control =
             UnixListener::bind(&control_path).map_err(io_err(format!("cannot bind {}", control_path.display())))?;
         let (requests, mut incoming) = mpsc::channel::<Request>(16);
+        let mut exec_reports = self.exec_reports.take().expect("run is called once");
         let sig = |kind| signal(kind).map_err(io_err("cannot install signal handlers"));
         let (mut chld, mut term, mut int, mut hup) = (
             sig(SignalKind::child())?,
@@ -305,12 +404,18 @@ impl Supervisor {
                 _ = hup.recv() => { tracing::info!("SIGHUP: rolling restart"); self.start_roll(None); }
                 Ok((stream, _)) = control.accept() => { tokio::spawn(serve_control(stream, requests.clone())); }
                 Some(request) = incoming.recv() => self.on_request(request),
+                Some(pid) = exec_reports.recv() => {
+                    if let Some(idx) = self.instances.iter().position(|i| i.exec.as_ref().is_some_and(|(p, _)| *p == pid)) {
+                        self.resolve_exec(idx);
+                    }
+                }
                 () = tokio::time::sleep_until(next.into()) => {}
             }
         }
         let _ = std::fs::remove_file(&control_path);
         let _ = std::fs::remove_file(&notify_path);
         let _ = std::fs::remove_dir_all(&handover_dir);
+        let _ = std::fs::remove_dir_all(control::credentials_dir(&self.dir, &self.spec.name));
         tracing::info!("{}: all workers stopped", self.spec.name);
         Ok(())
     }
@@ -323,6 +428,8 @@ impl Supervisor {
 
     fn tick(&mut self) {
         for idx in 0..self.instances.len() {
+            // Should a wake-up have been missed, the pipe is read here too.
+            self.resolve_exec(idx);
             self.deliver(idx, Event::Tick);
         }
     }
@@ -354,19 +461,44 @@ impl Supervisor {
                 for name in i.store.drop_hung_up() {
                     tracing::info!("instance {}: stored fd {name:?} hung up: removed from the store", i.machine.name);
                 }
-                let stored = i.store.entries();
-                let spawned = i.launch.spawn_with(&stored);
-                if spawned.is_ok() {
-                    i.status_text.clear();
-                    if !stored.is_empty() {
-                        tracing::info!("instance {}: passing {} stored fds", i.machine.name, stored.len());
+                let env = match self.start_environment(idx) {
+                    Ok(env) => env,
+                    Err(e) => {
+                        self.instances[idx].last_exit = Some(LastExit::start_failed(e.clone()));
+                        return self.deliver(idx, Event::SpawnFailed(e));
                     }
-                }
+                };
+                let i = &mut self.instances[idx];
+                let stored = i.store.entries();
+                let spawned = i.launch.spawn(&env, &stored);
                 let event = match spawned {
-                    Ok(pid) => Event::Spawned(pid),
-                    Err(e) => Event::SpawnFailed(e.to_string()),
+                    Ok(spawned) => {
+                        i.status_text.clear();
+                        if !stored.is_empty() {
+                            tracing::info!("instance {}: passing {} stored fds", i.machine.name, stored.len());
+                        }
+                        let pid = spawned.pid;
+                        self.watch_exec(pid, &spawned.exec);
+                        let i = &mut self.instances[idx];
+                        i.exec = Some((pid, spawned.exec));
+                        i.exec_failure = None;
+                        Event::Spawned(pid)
+                    }
+                    Err(e) => {
+                        environment::remove_credentials(&i.credentials);
+                        let e = format!("cannot start a process: {e}");
+                        i.last_exit = Some(LastExit::start_failed(e.clone()));
+                        Event::SpawnFailed(e)
+                    }
                 };
                 self.deliver(idx, event);
+                // The program may run already (or have failed): the pipe tells without waiting.
+                self.resolve_exec(idx);
+            }
+            Action::Signal(pid, Signal::SIGKILL) => {
+                // The final kill goes to the whole process group, as systemd's to the cgroup.
+                let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+                let _ = kill(pid, Signal::SIGKILL);
             }
             Action::Signal(pid, signal) => {
                 let _ = kill(pid, signal);
@@ -394,7 +526,7 @@ impl Supervisor {
             }
             Action::Ready => {
                 let name = i.machine.name.clone();
-                let step = self.roll.as_mut().and_then(|r| r.ready(&name, |n| is_running(&self.instances, n)));
+                let step = self.roll.as_mut().and_then(|r| r.ready(&name, |n| may_roll(&self.instances, n)));
                 self.roll_step(step);
             }
             Action::NotReady(why) => {
@@ -407,14 +539,26 @@ impl Supervisor {
 
     fn reap(&mut self) {
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            // Seen, not reaped yet: while the zombie holds its pid, that is also still its
+            // process group's id, which no other process can have taken.
+            let pid = match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT) {
+                Ok(status) => match status.pid() {
+                    Some(pid) => pid,
+                    None => return,
+                },
+                Err(_) => return,
+            };
+            if self.instances.iter().any(|i| i.machine.pid() == Some(pid)) {
+                kill_group_of(pid);
+            }
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
                     let last = LastExit::from_wait(Some(code), None, false);
-                    self.on_exit(pid, format!("exited with status {code}"), code == 0, last);
+                    self.on_exit(pid, format!("exited with status {code}"), Some(code), last);
                 }
                 Ok(WaitStatus::Signaled(pid, sig, core)) => {
                     let last = LastExit::from_wait(None, Some(sig.as_str()), core);
-                    self.on_exit(pid, format!("was killed by {sig}"), false, last);
+                    self.on_exit(pid, format!("was killed by {sig}"), None, last);
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => {}
@@ -422,11 +566,18 @@ impl Supervisor {
         }
     }
 
-    fn on_exit(&mut self, pid: Pid, how: String, clean: bool, last: LastExit) {
+    fn on_exit(&mut self, pid: Pid, how: String, status: Option<i32>, last: LastExit) {
         let Some(idx) = self.instances.iter().position(|i| i.machine.pid() == Some(pid)) else { return };
+        // Whether it ever ran its program: the pipe is closed now, so this does not wait.
+        self.resolve_exec(idx);
         let instance = &mut self.instances[idx];
-        instance.last_exit = Some(last.because(instance.machine.stop_cause));
-        self.deliver(idx, Event::Exited { how, clean });
+        environment::remove_credentials(&instance.credentials);
+        let (how, last) = match instance.exec_failure.take() {
+            Some((p, failure)) if p == pid => (failure.to_string(), LastExit::exec_failed(failure.to_string(), status)),
+            _ => (how, last.because(instance.machine.stop_cause)),
+        };
+        instance.last_exit = Some(last);
+        self.deliver(idx, Event::Exited { how, status });
         if !self.shutting_down {
             // Dropping an instance closes what is left of its store and its own sockets.
             self.instances.retain(|i| i.machine.life != machine::Life::Stopped);
@@ -439,7 +590,7 @@ impl Supervisor {
         let Some(current) = self.roll.as_ref().and_then(|r| r.current()).map(str::to_owned) else { return };
         let gone = self.instances.iter().find(|i| i.name() == current).is_none_or(|i| i.machine.stays_stopped());
         if gone {
-            let step = self.roll.as_mut().and_then(|r| r.gone(&current, |n| is_running(&self.instances, n)));
+            let step = self.roll.as_mut().and_then(|r| r.gone(&current, |n| may_roll(&self.instances, n)));
             self.roll_step(step);
         }
     }
@@ -507,6 +658,7 @@ impl Supervisor {
             tracing::warn!("{why} again: killing every worker now");
             for pid in self.instances.iter().filter_map(|i| i.machine.pid()) {
                 let _ = kill(pid, Signal::SIGKILL);
+                kill_group_of(pid);
             }
             return;
         }
@@ -540,15 +692,23 @@ impl Supervisor {
         if self.roll.is_some() {
             return; // already rolling: the new waiter is told when this roll ends
         }
-        let running = self
+        let rolled: Vec<&Instance> = self
             .instances
             .iter()
-            .filter(|i| i.machine.is_running() && i.name() != CANARY)
-            .map(|i| i.name().to_owned())
+            .filter(|i| (i.machine.is_running() || i.machine.is_failed()) && i.name() != CANARY)
             .collect();
+        let names = rolled.iter().map(|i| i.name().to_owned()).collect();
+        let failed: BTreeSet<String> =
+            rolled.iter().filter(|i| i.machine.is_failed()).map(|i| i.name().to_owned()).collect();
+        if !failed.is_empty() {
+            tracing::info!(
+                "rolling restart: failed instances ({}) are started again in their turn",
+                failed.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
         // No canary in reuseport mode: its own socket would reset what queued on it.
-        let mut roll = Roll::new(running, self.spec.balance == Balance::Shared);
-        let step = roll.advance(|n| is_running(&self.instances, n));
+        let mut roll = Roll::new(names, failed, self.spec.balance == Balance::Shared);
+        let step = roll.advance(|n| may_roll(&self.instances, n));
         self.roll = Some(roll);
         self.roll_step(Some(step));
     }
@@ -568,7 +728,7 @@ impl Supervisor {
             }
             Some(RollStep::StopCanary) => {
                 self.stop_canary();
-                let step = self.roll.as_mut().map(|r| r.advance(|n| is_running(&self.instances, n)));
+                let step = self.roll.as_mut().map(|r| r.advance(|n| may_roll(&self.instances, n)));
                 self.roll_step(step);
             }
             Some(RollStep::Restart(name)) => {
@@ -577,11 +737,11 @@ impl Supervisor {
                     self.deliver(idx, Event::Stop(Then::RestartNow));
                 }
             }
-            Some(RollStep::Done { restarted }) => {
+            Some(RollStep::Done { restarted, started }) => {
                 self.roll = None;
                 tracing::info!("rolling restart done");
                 for waiter in self.roll_waiters.drain(..) {
-                    let _ = waiter.send(ControlResponse::Restarted { instances: restarted });
+                    let _ = waiter.send(ControlResponse::Restarted { instances: restarted, started: started.clone() });
                 }
             }
             Some(RollStep::Failed { message }) => {
@@ -648,6 +808,9 @@ impl Supervisor {
                         request_rate: None,
                         open_connections: None,
                         last_exit: i.last_exit.clone(),
+                        failed: i.machine.is_failed().then(|| {
+                            i.last_exit.as_ref().map_or_else(|| "not restarted".into(), LastExit::not_restarted)
+                        }),
                     }
                 })
                 .collect(),
@@ -662,8 +825,19 @@ impl Supervisor {
     }
 }
 
-fn is_running(instances: &[Instance], name: &str) -> bool {
-    instances.iter().any(|i| i.name() == name && i.machine.is_running())
+/// Whether a rolling restart restarts instance `name` (it runs), or starts it again (it
+/// failed).
+fn may_roll(instances: &[Instance], name: &str) -> bool {
+    instances.iter().any(|i| i.name() == name && (i.machine.is_running() || i.machine.is_failed()))
+}
+
+/// SIGKILL to what is left of the process group of `pid`, an instance's main process (each
+/// is the leader of its own group): its children, once it ended or is being killed.
+fn kill_group_of(pid: Pid) {
+    // ESRCH: nothing left.
+    if kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL).is_ok() {
+        tracing::debug!("killed what was left of the process group of pid {pid}");
+    }
 }
 
 /// One datagram from the notify socket: the sender's pid from its credentials, what it
@@ -734,7 +908,7 @@ mod tests {
     fn serve_control_answers_typed_requests() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         for (request, expected) in [
-            (ControlRequest::Restart, ControlResponse::Restarted { instances: 2 }),
+            (ControlRequest::Restart, ControlResponse::Restarted { instances: 2, started: vec![] }),
             (
                 ControlRequest::Scale { instances: crate::spec::Instances::Count(3) },
                 ControlResponse::error("the cluster is shutting down: scale refused"),
