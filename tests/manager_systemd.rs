@@ -229,6 +229,55 @@ fn a_crash_loop_leaves_the_socket_listening() {
     assert_eq!(restart_sec, "100ms");
 }
 
+/// Exit status 2 is the worker's "bad input": restarting won't help, so systemd leaves the
+/// instance failed (`RestartPreventExitStatus=2`), `status` says why, and a rolling restart
+/// starts it again once the input is fixed.
+#[test]
+fn a_worker_exiting_with_bad_input_is_not_restarted() {
+    const PROGRAM: &str = "/usr/local/bin/picky-worker";
+    let Some(sdbox) = SdBox::shared() else { return };
+    sdbox.copy_in(sdcluster_binary(), GUEST_SDCLUSTER);
+    let real = sdbox.install_worker();
+    // A flag the worker does not know: clap's usage error, exit status 2.
+    sdbox.write_file(
+        PROGRAM,
+        &format!("#!/bin/sh\n[ -e /run/picky-fixed ] && exec {real}\nexec {real} --no-such-flag\n"),
+    );
+    sdbox.exec_ok(&["chmod", "755", PROGRAM]);
+    let addr = net::free_addr();
+    let listen = addr.to_string();
+    sdbox.exec_ok(&[
+        GUEST_SDCLUSTER,
+        "install",
+        "--name",
+        "picky",
+        "--listen",
+        &listen,
+        "--instances",
+        "1",
+        "--now",
+        "--",
+        PROGRAM,
+    ]);
+    let app = App { sdbox, name: "picky".into(), addr };
+    app.wait("picky@1 failed", || sdbox.property("picky@1.service", "ActiveState") == "failed");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(app.restarts(1), 0, "{}", sdbox.diagnose("picky*"));
+    assert_eq!(sdbox.property("picky@1.service", "ExecMainStatus"), "2");
+    let status = app.status();
+    let failed = status.instances[0].failed.as_deref();
+    assert_eq!(failed, Some("exited 2 (bad input), not restarted"), "{status:?}");
+    let table = app.sdcluster_ok(&["status", "picky"]);
+    assert!(table.contains("failed: exited 2 (bad input), not restarted"), "{table}");
+    // Fixed: a rolling restart starts the failed instance again.
+    sdbox.exec_ok(&["touch", "/run/picky-fixed"]);
+    let out = app.sdcluster_ok(&["restart", "--rolling", "picky"]);
+    assert!(out.contains("restarted 1"), "{out}");
+    sdbox.wait_active("picky@1.service");
+    assert_eq!(app.status().instances[0].failed, None);
+    assert_eq!(app.workers_answering(2), set(&["1"]));
+}
+
 #[test]
 fn a_wedged_worker_is_killed_by_the_watchdog() {
     let Some(app) = App::install("wedge", 2, &["--watchdog", "2s"]) else { return };
