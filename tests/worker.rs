@@ -491,6 +491,31 @@ fn healthz_and_metrics_are_answered_for_every_app() {
     }
 }
 
+#[test]
+fn healthz_and_metrics_move_or_turn_off_by_flag_or_environment() {
+    let (_worker, _listener, addr) =
+        start_with(&["--instance", "moved", "--healthz-path", "off", "--metrics-path", "/internal/metrics"]);
+    // Off and moved: the app gets those paths (the reference app knows neither).
+    assert_eq!(http::get(addr, "/healthz").status, 404);
+    assert_eq!(http::get(addr, "/metrics").status, 404);
+    let metrics = http::get(addr, "/internal/metrics");
+    assert_ok_from(&metrics, "moved");
+    assert!(metrics.text().contains("sdcluster_http_requests_total{instance=\"moved\",status=\"404\"} 2\n"));
+
+    let command = WorkerCommand::new()
+        .args(["--instance", "env"])
+        .env("SDCLUSTER_HEALTHZ_PATH", "/livez")
+        .env("SDCLUSTER_METRICS_PATH", "off");
+    let (_worker, _listener, addr) = start_on_passed_socket(command);
+    let live = http::get(addr, "/livez");
+    assert_ok_from(&live, "env");
+    assert_eq!(live.text(), "ok\n");
+    assert_eq!(http::get(addr, "/metrics").status, 404);
+
+    let stderr = refused_with_exit_2(WorkerCommand::new().args(["--healthz-path", "healthz"]));
+    assert!(stderr.contains("neither `off` nor a path starting with `/`"), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Load: the connection cap and the balance between workers
 

@@ -7,6 +7,7 @@
 mod binary;
 pub mod cluster;
 pub mod deb;
+pub mod examples;
 pub mod http;
 pub mod load;
 pub mod net;

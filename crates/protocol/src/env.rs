@@ -50,6 +50,10 @@ pub const MAX_CONNECTIONS: &str = "SDCLUSTER_MAX_CONNECTIONS";
 /// How long a worker above its fair share leaves a waiting connection to its peers
 /// (`--balance-patience`).
 pub const BALANCE_PATIENCE: &str = "SDCLUSTER_BALANCE_PATIENCE";
+/// Path of the health check, or `off` (`--healthz-path`).
+pub const HEALTHZ_PATH: &str = "SDCLUSTER_HEALTHZ_PATH";
+/// Path of the Prometheus metrics, or `off` (`--metrics-path`).
+pub const METRICS_PATH: &str = "SDCLUSTER_METRICS_PATH";
 /// The reference worker's test-only endpoints (`--debug-endpoints`).
 pub const DEBUG_ENDPOINTS: &str = "SDCLUSTER_DEBUG_ENDPOINTS";
 
@@ -73,6 +77,8 @@ pub const ALL: &[&str] = &[
     MAX_HEADER_BYTES,
     MAX_CONNECTIONS,
     BALANCE_PATIENCE,
+    HEALTHZ_PATH,
+    METRICS_PATH,
     DEBUG_ENDPOINTS,
 ];
 

@@ -29,7 +29,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::gate::Gate;
+use crate::gate::{Gate, Open};
 use crate::handover::HandOver;
 use crate::ops::{App, Instrumented};
 use crate::stats::{Rejected, Stats};
@@ -52,6 +52,9 @@ pub(crate) struct ConnState {
     /// Hand-over: once the request in flight is answered, read nothing more (a client that
     /// always has its next request ready would otherwise never leave hyper at a boundary).
     hold_reads: AtomicBool,
+    /// The app answered 101 Switching Protocols (or 2xx to CONNECT): the connection leaves
+    /// HTTP (a WebSocket, a tunnel) once that is sent, and is neither handed over nor held.
+    upgrading: AtomicBool,
 }
 
 impl ConnState {
@@ -64,6 +67,7 @@ impl ConnState {
             close_next: AtomicBool::new(false),
             announced_close: AtomicBool::new(false),
             hold_reads: AtomicBool::new(false),
+            upgrading: AtomicBool::new(false),
         }
     }
 
@@ -80,6 +84,16 @@ impl ConnState {
     /// Whether the next response must announce `Connection: close`.
     pub(crate) fn must_close(&self) -> bool {
         self.close_next.load(Relaxed)
+    }
+
+    /// The response being sent upgrades the connection: see [`Hyper`] for what follows.
+    pub(crate) fn upgrading(&self) {
+        self.upgrading.store(true, Relaxed);
+        self.hold_reads.store(false, Relaxed); // the app reads the upgraded connection
+    }
+
+    fn is_upgrading(&self) -> bool {
+        self.upgrading.load(Relaxed)
     }
 
     pub(crate) fn announce_close(&self) {
@@ -167,6 +181,9 @@ pub(crate) enum Drain {
     /// those the store has no room for) announce the close and close the idle ones once
     /// `grace_until` has passed.
     Stopping { handover: bool, grace_until: Instant },
+    /// The drain is over (done, timed out or cut short): connections still open are
+    /// dropped. Upgraded connections are the app's, and not affected.
+    Cut,
 }
 
 /// A connection's own part of the drain.
@@ -191,7 +208,9 @@ impl<S> Shared<S> {
     /// The connection's mode once the worker drains.
     fn enter(&self, drain: Drain, state: &ConnState) -> Mode {
         match drain {
-            Drain::Serving => Mode::Serving,
+            // Leaving HTTP: nothing to hand over or close at a boundary.
+            _ if state.is_upgrading() => Mode::Serving,
+            Drain::Serving | Drain::Cut => Mode::Serving,
             Drain::Stopping { handover: true, .. } if self.handover.reserve() => {
                 state.hold_reads.store(true, Relaxed);
                 Mode::HandOver
@@ -278,11 +297,16 @@ impl AsyncWrite for Stream {
 
 /// The stream as hyper sees it: first the bytes a previous process had already read, then
 /// the socket; every read tells the connection's state that bytes arrived.
+///
+/// It carries the connection's place in the gate ([`Open`]): wherever the stream goes, the
+/// count follows, and it is given back however the stream ends: closed, handed over, the
+/// task dropped or panicking, or (upgraded) dropped by the app when its WebSocket is done.
 struct Tracked {
     io: Stream,
     prefix: Bytes,
     state: Arc<ConnState>,
     stats: Arc<Stats>,
+    open: Open,
 }
 
 impl AsyncRead for Tracked {
@@ -340,7 +364,60 @@ impl AsyncWrite for Tracked {
     }
 }
 
-type Hyper<S> = http1::Connection<TokioIo<Tracked>, Instrumented<S>>;
+type Plain<S> = http1::Connection<TokioIo<Tracked>, Instrumented<S>>;
+
+/// hyper serving the connection.
+///
+/// Normally a plain `Connection`, driven with `poll_without_shutdown`, so that at a request
+/// boundary it can be taken apart (`into_parts`: the socket and the bytes read ahead) for a
+/// hand-over or a graceful close. hyper's upgrade support (`with_upgrades`) has no such
+/// exit, and a plain `Connection` fails any upgrade (it answers the app's `OnUpgrade` with
+/// an error once the 101 is out). So the switch is made for the one response that needs it:
+/// when the app answers 101, the service layer marks the connection upgrading and yields
+/// once before handing the response to hyper; in that pause [`Drive`] wraps the connection
+/// `with_upgrades`, and hyper then gives the socket (in an `Upgraded`) to the app. An
+/// upgrading connection is never handed over or held at a boundary, and it stays counted
+/// open until the app drops it (a drain waits for it up to `--drain-timeout`).
+enum Hyper<S: App> {
+    Plain(Plain<S>),
+    Upgrading(http1::UpgradeableConnection<TokioIo<Tracked>, Instrumented<S>>),
+    /// Only while switching from one to the other.
+    Switching,
+}
+
+impl<S: App> Hyper<S> {
+    fn poll(&mut self, cx: &mut Context<'_>, state: &ConnState) -> Poll<hyper::Result<()>> {
+        if let Hyper::Plain(_) = self {
+            if state.is_upgrading() {
+                if let Hyper::Plain(conn) = std::mem::replace(self, Hyper::Switching) {
+                    *self = Hyper::Upgrading(conn.with_upgrades());
+                }
+            }
+        }
+        match self {
+            Hyper::Plain(conn) => conn.poll_without_shutdown(cx),
+            Hyper::Upgrading(conn) => Pin::new(conn).poll(cx),
+            Hyper::Switching => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Hyper::Plain(conn) => Pin::new(conn).graceful_shutdown(),
+            Hyper::Upgrading(conn) => Pin::new(conn).graceful_shutdown(),
+            Hyper::Switching => {}
+        }
+    }
+
+    /// The socket back from hyper; `None` once the app has it (upgraded).
+    fn into_parts(self) -> Option<http1::Parts<TokioIo<Tracked>, Instrumented<S>>> {
+        match self {
+            Hyper::Plain(conn) => Some(conn.into_parts()),
+            Hyper::Upgrading(conn) => conn.into_parts(),
+            Hyper::Switching => None,
+        }
+    }
+}
 
 /// How a run of hyper on the connection ended.
 enum Outcome {
@@ -382,7 +459,7 @@ impl<S: App> Future for Drive<'_, S> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let this = &mut *self;
         loop {
-            if let Poll::Ready(ended) = this.conn.poll_without_shutdown(cx) {
+            if let Poll::Ready(ended) = this.conn.poll(cx, this.state) {
                 return Poll::Ready(Outcome::Ended(ended));
             }
             if !this.state.at_boundary() {
@@ -402,14 +479,14 @@ impl<S: App> Future for Drive<'_, S> {
                 Mode::Serving => false,
                 Mode::HandOver => true,
                 Mode::Close { grace_until } => now.is_some_and(|now| now >= grace_until),
-            };
+            } && !this.state.is_upgrading();
             if stop {
                 if this.state.untouched() {
                     return Poll::Ready(Outcome::Untouched);
                 }
                 if this.asked.is_none() {
                     // Idle in hyper: it stops at once; finishing a response: right after it.
-                    Pin::new(&mut *this.conn).graceful_shutdown();
+                    this.conn.graceful_shutdown();
                     *this.asked = Some(this.state.started.load(Relaxed));
                     continue;
                 }
@@ -446,8 +523,9 @@ impl<S: App> Future for Drive<'_, S> {
 
 /// Serves one connection to its end; `prefix` holds bytes a previous process had already
 /// read from it. The caller counts the connection open (`Gate::opened`) before spawning
-/// this, so that the accept loop sees its own count at once; this counts it closed.
-pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Shared<S>>) {
+/// this, so that the accept loop sees its own count at once; dropping `open` counts it
+/// closed, however this ends (a panic, the task dropped, or the app done with an upgrade).
+pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Shared<S>>, open: Open) {
     let state = Arc::new(ConnState::new());
     let mut drain = shared.drain.clone();
     let mut drain_open = true;
@@ -455,11 +533,11 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
     let timer = tokio::time::sleep(shared.limits.header_timeout);
     tokio::pin!(timer);
     let mut clock = IdleClock::default();
-    let (mut io, mut prefix) = (stream, prefix);
+    let (mut io, mut prefix, mut open) = (stream, prefix, open);
     loop {
         let service = shared.service.for_connection(Arc::clone(&state));
-        let tracked = Tracked { io, prefix, state: Arc::clone(&state), stats: shared.gate.stats() };
-        let mut conn = shared.http.serve_connection(TokioIo::new(tracked), service);
+        let tracked = Tracked { io, prefix, state: Arc::clone(&state), stats: shared.gate.stats(), open };
+        let mut conn = Hyper::Plain(shared.http.serve_connection(TokioIo::new(tracked), service));
         let mut asked = None;
         let outcome = loop {
             clock.deadline = None; // a new mode, or a new run of hyper
@@ -475,8 +553,12 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
             tokio::select! {
                 biased;
                 outcome = drive => break outcome,
-                changed = drain.changed(), if drain_open && mode == Mode::Serving => match changed {
-                    Ok(()) => mode = shared.enter(*drain.borrow_and_update(), &state),
+                changed = drain.changed(), if drain_open => match changed {
+                    Ok(()) => match *drain.borrow_and_update() {
+                        Drain::Cut => return, // dropping `conn` closes the socket and the slot
+                        now if mode == Mode::Serving => mode = shared.enter(now, &state),
+                        _ => {}
+                    },
                     Err(_) => drain_open = false,
                 },
             }
@@ -502,10 +584,15 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
                 mode == Mode::HandOver
                     && asked == Some(state.started.load(Relaxed))
                     && !state.announced_close.load(Relaxed)
+                    && !state.is_upgrading()
             }
         };
-        let parts = conn.into_parts();
+        let Some(parts) = conn.into_parts() else {
+            // Upgraded: the socket, and with it `open`, is the app's now.
+            return;
+        };
         let tracked = parts.io.into_inner();
+        open = tracked.open;
         if !handing_over {
             let mut io = tracked.io;
             // shutdown, not just close: another process (the fd store) may hold the socket too.
@@ -537,12 +624,12 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
         prefix = bytes;
         mode = match *drain.borrow() {
             Drain::Stopping { grace_until, .. } => Mode::Close { grace_until },
-            Drain::Serving => Mode::Close { grace_until: Instant::now() },
+            Drain::Serving | Drain::Cut => Mode::Close { grace_until: Instant::now() },
         };
         state.close_next.store(true, Relaxed);
         state.hold_reads.store(false, Relaxed);
     }
-    shared.gate.closed();
+    // `open`, wherever it is now, counts the connection closed as it drops.
 }
 
 fn join(a: Bytes, b: Bytes) -> Bytes {

@@ -17,6 +17,17 @@ const RECHECK: Duration = Duration::from_millis(1);
 /// Connections above an even share a worker may take before it waits for its peers.
 const SLACK: u64 = 1;
 
+/// A connection's place in the gate: taken when it was accepted (or taken over), given back
+/// when this is dropped, on every way a connection ends (closed, handed over, its task
+/// panicking or dropped, or an upgraded connection dropped by the app).
+pub(crate) struct Open(Arc<Gate>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.closed();
+    }
+}
+
 /// Shared by the accept loops and the connection tasks of one worker.
 pub(crate) struct Gate {
     stats: Arc<Stats>,
@@ -89,12 +100,14 @@ impl Gate {
         }
     }
 
-    pub(crate) fn opened(&self) {
+    /// Counts a connection open; dropping the returned place counts it closed.
+    pub(crate) fn opened(self: &Arc<Self>) -> Open {
         let open = self.stats.connection_opened();
         self.publish(open, true);
+        Open(Arc::clone(self))
     }
 
-    pub(crate) fn closed(&self) {
+    fn closed(&self) {
         let open = self.stats.connection_closed();
         self.publish(open, false);
         self.room.notify_waiters();

@@ -2,10 +2,25 @@
 //!
 //! One process per CPU shares one listening socket owned by systemd (or by `sdcluster run`).
 //! This crate does everything such a worker owes its supervisor and its peers, for any hyper
-//! service: takes the passed sockets (`LISTEN_FDS`), or binds `--listen` when run standalone;
-//! reports `READY=1`, `STATUS=`, `WATCHDOG=1` and `STOPPING=1`; takes only its share of new
-//! connections so that load spreads evenly; drains in-flight requests on SIGTERM; and answers
-//! `/healthz` and `/metrics` for every app.
+//! or tower service (axum's `Router` among them): takes the passed sockets (`LISTEN_FDS`), or
+//! binds `--listen` when run standalone; reports `READY=1`, `STATUS=`, `WATCHDOG=1` and
+//! `STOPPING=1`; takes only its share of new connections so that load spreads evenly; drains
+//! in-flight requests on SIGTERM and hands kept-alive connections to the next process; lets
+//! upgraded connections (WebSockets) run; answers 500 for a handler that panics; and answers
+//! `/healthz` and `/metrics` for every app (movable, or off: [`Options::healthz_path`],
+//! [`Options::metrics_path`]).
+//!
+//! Two entry points, one implementation:
+//! - [`run`] for a synchronous `main`: it builds the runtime (`--threads`) and returns the
+//!   exit code;
+//! - [`serve`] (or [`Worker`], with more say) inside the app's own runtime
+//!   (`#[tokio::main]`): it returns a `Result` whose [`Error::exit_code`] is the exit code.
+//!
+//! Both take an [`IntoApp`]: a hyper service (`hyper::service::service_fn`) or a tower
+//! service (an axum `Router`), as is. [`Options`] flattens into an app's clap CLI, or comes
+//! from [`Options::from_env`] / [`Options::default`] with `with_*` builders.
+//!
+//! A synchronous `main` with its own CLI:
 //!
 //! ```no_run
 //! use std::convert::Infallible;
@@ -28,7 +43,25 @@
 //! }
 //! ```
 //!
-//! Tower services (axum) fit through `hyper_util::service::TowerToHyperService`.
+//! Inside `#[tokio::main]`, with an axum `Router` (see `examples/axum_tokio_main.rs`):
+//!
+//! ```no_run
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+//!     let opts = match sdcluster_worker::Options::from_env() {
+//!         Ok(opts) => opts.with_healthz("/livez"),
+//!         Err(e) => e.exit(),
+//!     };
+//!     match sdcluster_worker::serve(opts, app).await {
+//!         Ok(()) => std::process::ExitCode::SUCCESS,
+//!         Err(e) => {
+//!             eprintln!("{e}");
+//!             e.exit_code()
+//!         }
+//!     }
+//! }
+//! ```
 
 mod body;
 mod connection;
@@ -41,109 +74,17 @@ mod ops;
 mod options;
 mod serve;
 mod stats;
-
-use std::process::ExitCode;
-
-use tokio::signal::unix::{SignalKind, signal};
+mod worker;
 
 pub use body::RequestBody;
 pub use handover::TakenOver;
 pub use listeners::{Acquired, ListenError, acquire};
-pub use ops::{App, AppBody, Instrumented, OpsBody, ResponseBody, WORKER_HEADER};
-pub use options::Options;
+pub use ops::{App, AppBody, HyperKind, Instrumented, IntoApp, OpsBody, ResponseBody, TowerKind, WORKER_HEADER};
+pub use options::{Endpoint, Options};
 pub use sdcluster_protocol::listen_fds;
 pub use sdcluster_protocol::metrics;
 pub use serve::{DrainTimedOut, Server};
 pub use stats::Stats;
+pub use worker::{Draining, Error, Worker, run, serve};
 
 pub use sdcluster_protocol::EXIT_BAD_INPUT;
-
-/// The whole life of a worker process: logging, sockets, runtime, serving, drain.
-///
-/// Call it first thing in `main`, before any thread is started: it removes the `LISTEN_*`
-/// variables from the environment so that children don't inherit them. Exits 0 after a clean
-/// drain, 1 when the drain timed out or serving failed, 2 on bad input.
-pub fn run<S: App>(opts: Options, app: S) -> ExitCode {
-    logging::init(&opts.instance.clone().unwrap_or_else(|| std::process::id().to_string()));
-    raise_open_files_limit();
-    // SAFETY: `run` is documented to be called before any other thread exists.
-    let acquired = unsafe { listen_fds::take() }.map_err(ListenError::from).and_then(|passed| acquire(passed, &opts));
-    let server = match acquired
-        .map_err(|e| e.to_string())
-        .and_then(|a| Server::new(a, opts.clone()).map_err(|e| format!("cannot map the balance table: {e}")))
-    {
-        Ok(server) => server,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(EXIT_BAD_INPUT);
-        }
-    };
-    let runtime = if opts.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(opts.threads.into()).enable_all().build()
-    };
-    let runtime = match runtime {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let _span = tracing::info_span!("worker", id = server.stats().instance()).entered();
-    runtime.block_on(async {
-        let signals = match count_signals() {
-            Ok(signals) => signals,
-            Err(e) => {
-                tracing::error!("cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let nth = |n: u32| {
-            let mut signals = signals.clone();
-            async move {
-                let _ = signals.wait_for(|seen| *seen >= n).await;
-            }
-        };
-        match server.serve(app, nth(1), nth(2)).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
-}
-
-/// Counts SIGTERM and SIGINT: the first starts the drain, a second cuts it short.
-fn count_signals() -> std::io::Result<tokio::sync::watch::Receiver<u32>> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let (count, seen) = tokio::sync::watch::channel(0);
-    tokio::spawn(async move {
-        loop {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            count.send_modify(|n| *n += 1);
-            if *count.borrow() == 1 {
-                tracing::info!("{name}: draining (send it again to stop at once)");
-            } else {
-                tracing::warn!("{name} again: stopping without waiting for the drain");
-            }
-        }
-    });
-    Ok(seen)
-}
-
-/// Lets `--max-connections` be reached: the soft limit of open files is often 1024 while the
-/// hard limit is far higher (systemd's default is 1024:524288), as Go's runtime does too.
-fn raise_open_files_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
-}

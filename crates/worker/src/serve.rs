@@ -21,7 +21,7 @@ use crate::gate::Gate;
 use crate::handover::{HandOver, TakenOver};
 use crate::listeners::Acquired;
 use crate::notify::{Notifier, status_line};
-use crate::ops::{App, Instrumented, UnreadLimits};
+use crate::ops::{App, Instrumented, IntoApp, OpsPaths, UnreadLimits};
 use crate::options::Options;
 use crate::stats::Stats;
 
@@ -85,7 +85,19 @@ impl Server {
     /// Connections the previous process handed over are served first. `READY=1` is sent
     /// once every listener is being served, `STOPPING=1` when the drain starts;
     /// `abort_drain` completing cuts the drain short (a second SIGTERM in [`crate::run`]).
-    pub async fn serve<S: App>(
+    ///
+    /// This is the building block under [`crate::serve`], for an app that takes its sockets
+    /// ([`crate::acquire`]) and handles signals its own way.
+    pub async fn serve<K>(
+        self,
+        app: impl IntoApp<K>,
+        shutdown: impl Future<Output = ()>,
+        abort_drain: impl Future<Output = ()>,
+    ) -> Result<(), DrainTimedOut> {
+        self.serve_app(app.into_app(), shutdown, abort_drain).await
+    }
+
+    async fn serve_app<S: App>(
         self,
         app: S,
         shutdown: impl Future<Output = ()>,
@@ -107,7 +119,15 @@ impl Server {
         let (drain, draining) = watch::channel(Drain::Serving);
         let shared = Arc::new(Shared {
             http,
-            service: Instrumented::new(Arc::new(app), Arc::clone(&self.stats), unread),
+            service: Instrumented::new(
+                app,
+                Arc::clone(&self.stats),
+                unread,
+                OpsPaths {
+                    healthz: self.opts.healthz_path.path().map(str::to_owned),
+                    metrics: self.opts.metrics_path.path().map(str::to_owned),
+                },
+            ),
             limits: Limits { header_timeout: self.opts.header_timeout, keepalive_timeout: self.opts.keepalive_timeout },
             drain: draining,
             handover: Arc::clone(&handover),
@@ -122,8 +142,8 @@ impl Server {
             match Stream::from_fd(taken.fd) {
                 Ok(stream) => {
                     self.stats.taken_over();
-                    gate.opened();
-                    tokio::spawn(connection::serve(stream, taken.bytes, Arc::clone(&shared)));
+                    let open = gate.opened();
+                    tokio::spawn(connection::serve(stream, taken.bytes, Arc::clone(&shared), open));
                 }
                 Err(e) => tracing::warn!("cannot serve a handed-over connection: {e}"),
             }
@@ -135,7 +155,7 @@ impl Server {
         let serving = self.listeners.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         self.stats.watch_queues(&self.listeners);
         // Not one of `tasks`: the instance stays live in the metrics table while it drains.
-        tokio::spawn(Arc::clone(&self.stats).keep_alive());
+        let heartbeat = tokio::spawn(Arc::clone(&self.stats).keep_alive());
         let mut tasks = JoinSet::new();
         for listener in self.listeners {
             guard_against_blocking(&listener);
@@ -180,17 +200,22 @@ impl Server {
             done = tokio::time::timeout(self.opts.drain_timeout, gate.all_closed()) => done.is_ok(),
             () = abort_drain => false,
         };
+        let left_open = self.stats.open();
+        // What is still open now is cut (on the caller's runtime, `crate::serve` returns
+        // and the app may go on); upgraded connections are the app's to end.
+        let _ = drain.send(Drain::Cut);
         let sent = self.stats.handed_over_count();
         if sent > 0 {
             // Every stored fd must be with the supervisor before this process is gone.
             handover.barrier().await;
             tracing::info!("handed {sent} kept-alive connections over");
         }
+        heartbeat.abort();
         if drained {
             tracing::info!("drained; exiting");
             Ok(())
         } else {
-            Err(DrainTimedOut { open: self.stats.open(), timeout: self.opts.drain_timeout })
+            Err(DrainTimedOut { open: left_open, timeout: self.opts.drain_timeout })
         }
     }
 }
@@ -215,8 +240,8 @@ async fn accept_loop<S: App>(listener: AsyncFd<Listener>, shared: Arc<Shared<S>>
                 };
                 match stream {
                     Ok(stream) => {
-                        shared.gate.opened();
-                        tokio::spawn(connection::serve(stream, bytes::Bytes::new(), Arc::clone(&shared)));
+                        let open = shared.gate.opened();
+                        tokio::spawn(connection::serve(stream, bytes::Bytes::new(), Arc::clone(&shared), open));
                     }
                     Err(e) => tracing::warn!("cannot register a connection: {e}"),
                 }
