@@ -87,13 +87,14 @@ pub struct Options {
     pub max_connections: u64,
 
     /// A file shared by all workers of the app through which they balance load (units set
-    /// it; `sdcluster run` passes a shared memory fd instead). Created if missing.
+    /// it; `sdcluster run` names a shared memory fd it passes: `/proc/self/fd/N`). Created if
+    /// missing.
     #[arg(long, env = env::BALANCE_FILE)]
     pub balance_file: Option<std::path::PathBuf>,
 
     /// A file shared by all workers of the app where each keeps its counters, so that
-    /// `/metrics` from any of them covers the whole app (units set it; `sdcluster run` passes
-    /// a shared memory fd instead). Created if missing.
+    /// `/metrics` from any of them covers the whole app (units set it; `sdcluster run` names a
+    /// shared memory fd it passes: `/proc/self/fd/N`). Created if missing.
     #[arg(long, env = sdcluster_protocol::metrics::METRICS_FILE_ENV)]
     pub metrics_file: Option<std::path::PathBuf>,
 
