@@ -13,7 +13,8 @@
 //!
 //! [`SdBox::up_with`] boots a box of one's own with [`Boot`] options: `persistent` keeps what
 //! the guest writes across [`SdBox::reboot`], `cpus` pins the guest to some CPUs,
-//! `private_network` gives it a network of its own.
+//! `private_network` gives it a network of its own. [`SdBox::up_with_packages`] adds Debian
+//! packages to the box's root file system (real servers as workers: Node, gunicorn).
 
 use std::io::Write;
 use std::path::Path;
@@ -80,6 +81,18 @@ impl SdBox {
             owned: true,
             worker: OnceLock::new(),
         });
+        Unavailable::skip_or_fail(booted)
+    }
+
+    /// [`SdBox::up_with`] on a root file system with these Debian packages too, such as
+    /// `nodejs` or `gunicorn` (`SDBOX_INCLUDE`, dependencies included). Each list gets a tree
+    /// of its own, built once and cached (a minute or two the first time); boxes booted with
+    /// the same list, in the same order, share it.
+    pub fn up_with_packages(name: &str, options: &Boot, packages: &[&str]) -> Option<SdBox> {
+        let mut env = options.env();
+        env.push(("SDBOX_INCLUDE", packages.join(",")));
+        let booted =
+            boot(name, "up", &env).map(|()| SdBox { name: name.to_owned(), owned: true, worker: OnceLock::new() });
         Unavailable::skip_or_fail(booted)
     }
 
