@@ -523,7 +523,6 @@ const GUEST_GUNICORN: &[&str] = &["/usr/bin/gunicorn", "--workers", "1", "--chdi
 /// which `SystemCallFilter=~@privileged` refuses).
 #[test]
 fn gunicorn_serves_under_systemd() {
-    let Some(sdbox) = sdbox() else { return };
     let flags = ["--watchdog", "off", "--system-call", "setuid"];
     let Some(app) = Installed::install("gunicornapp", 2, None, &flags, GUEST_GUNICORN) else {
         return;
