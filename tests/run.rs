@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sdcluster_tests::cluster::{Cluster, ClusterStatus, PATIENCE, is_alive, sdcluster_output, wait_all_gone};
+use sdcluster_tests::cluster::{
+    Cluster, ClusterStatus, PATIENCE, is_alive, private_dir, proc_ids, processes_with_marker, sdcluster_command,
+    sdcluster_output, wait_all_gone,
+};
 use sdcluster_tests::http::{self, Connection};
 use sdcluster_tests::load::MixedLoad;
 use sdcluster_tests::{TestDir, WorkerCommand, net, signal_pid, wait_until};
@@ -488,7 +491,7 @@ fn bad_configs_are_refused_before_anything_starts() {
         ("unknown TOML key", vec![&toml], &["bad.toml", "line 4", "unknown field `instance`"]),
     ];
     for (what, args, expected) in cases {
-        let runtime = TestDir::new("run-bad-rt");
+        let runtime = private_dir("run-bad-rt");
         let output = sdcluster_output(runtime.path(), &[&["run"][..], &args].concat());
         let stderr = stderr_of(&output);
         eprintln!("{what}: {}", stderr.trim());
@@ -1015,4 +1018,236 @@ fn the_process_group_goes_with_its_main_process() {
     cluster.wait_until("instance 1 back", |s| {
         s.instances[0].pid.filter(|&p| p != pid && s.instances[0].state == "running")
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input and faults: the runtime directory, the control socket's peers, odd bytes,
+// what workers leave behind, a stalled supervisor
+
+/// The runtime directory is private: `sdcluster run` makes it with mode 0700, and refuses,
+/// before anything starts and saying what to do, one that another user owns, one that others
+/// may write into, and a symbolic link (whoever made those could take over or watch the
+/// control socket).
+#[test]
+fn the_runtime_directory_must_be_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = private_dir("rtdir");
+    let (script, marker) = marker_worker(&dir);
+    let script = script.display().to_string();
+    let listen = format!("127.0.0.1:{}", net::free_port());
+    let run = ["run", "--name", "rtdir", "--listen", &listen, "--", &script];
+
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let foreign = dir.join("foreign");
+    std::fs::create_dir(&foreign).expect("mkdir");
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let open = dir.join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let link = dir.join("link");
+    let target = dir.join("target");
+    std::fs::create_dir(&target).expect("mkdir");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let mut cases = vec![(&open, "has mode 0777: group or others may"), (&link, "is a symbolic link: refusing it")];
+    if root {
+        // Another user (nobody) made it first, as anyone can in /tmp.
+        std::os::unix::fs::chown(&foreign, Some(65534), None).expect("chown");
+        cases.push((&foreign, "belongs to uid 65534, not to this user"));
+    }
+    for (runtime, expected) in cases {
+        let output = sdcluster_output(runtime, &run);
+        let stderr = stderr_of(&output);
+        eprintln!("{}: {}", runtime.display(), stderr.trim());
+        assert!(!output.status.success(), "{}: sdcluster run used it:\n{stderr}", runtime.display());
+        assert!(stderr.contains(expected) && stderr.contains("SDCLUSTER_RUNTIME_DIR"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!marker.exists(), "{}: a worker was started", runtime.display());
+        assert!(!runtime.join("rtdir.control").exists(), "no socket in it");
+    }
+
+    // A missing one is made, mode 0700, its sockets in it.
+    let fresh = dir.join("fresh/sdcluster");
+    let worker = sdcluster_tests::worker_binary().display().to_string();
+    let fresh_run = ["run", "--name", "rtdir", "--listen", &listen, "--", &worker];
+    let mut cluster = sdcluster_tests::ChildGuard::spawn(
+        sdcluster_command(&fresh).args(fresh_run),
+        "sdcluster run in a fresh runtime directory".into(),
+    );
+    cluster.wait_for_stderr("instance 1 ready", PATIENCE);
+    assert_eq!(mode_of(&fresh), 0o700);
+    assert_eq!(mode_of(&fresh.join("rtdir.control")), 0o600, "the control socket is the user's alone");
+    assert_eq!(mode_of(&fresh.join("rtdir.handover")), 0o700);
+    assert_eq!(mode_of(&fresh.join("rtdir.credentials")), 0o700);
+    cluster.signal(libc::SIGTERM);
+    assert_eq!(cluster.exit_code(PATIENCE), 0);
+}
+
+/// The control socket answers its own user and root only (`SO_PEERCRED`): another user who
+/// reaches it (the runtime directory and the socket are opened up here on purpose, as a
+/// careless umask or chmod would) is refused, and the refusal is logged.
+#[test]
+fn the_control_socket_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot act as another user; skipping");
+        return;
+    }
+    let runuser = Command::new("runuser").args(["-u", "nobody", "--", "true"]).status();
+    if !runuser.is_ok_and(|s| s.success()) {
+        eprintln!("runuser -u nobody does not work here; skipping");
+        return;
+    }
+    let binary = sdcluster_tests::sdcluster_binary();
+    let reachable = Command::new("runuser").args(["-u", "nobody", "--"]).arg(binary).arg("--version").output();
+    if !reachable.is_ok_and(|o| o.status.success()) {
+        eprintln!("nobody cannot execute {}; skipping", binary.display());
+        return;
+    }
+    let cluster = Cluster::of_workers("peers", 1, &[]);
+    let dir = cluster.runtime_dir();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(dir.join("peers.control"), std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    for args in [&["status", "peers", "--json"][..], &["scale", "peers", "3"], &["restart", "--rolling", "peers"]] {
+        let output = Command::new("runuser")
+            .args(["-u", "nobody", "--", "env"])
+            .arg(format!("SDCLUSTER_RUNTIME_DIR={}", dir.display()))
+            .arg(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("runuser");
+        let stderr = stderr_of(&output);
+        assert!(!output.status.success(), "{args:?} as nobody succeeded: {}", String::from_utf8_lossy(&output.stdout));
+        assert!(stderr.contains("refused: uid 65534 may not control this cluster"), "{args:?}: {stderr}");
+    }
+    cluster.wait_for_stderr("the refusal in the log", |log| {
+        log.contains("refused a control connection from uid 65534").then_some(())
+    });
+    let status = cluster.wait_running(1);
+    assert_eq!(status.instances[0].restarts, 0, "nothing was done for nobody");
+}
+
+/// Odd bytes from outside never panic the supervisor: an inherited variable that is not
+/// UTF-8 reaches the workers byte for byte; a NUL byte in an argument, a variable or a path
+/// of the spec is refused before anything starts, naming it.
+#[test]
+fn odd_bytes_pass_through_or_are_refused_never_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let value = std::ffi::OsStr::from_bytes(b"caf\xe9 \xff\xfe");
+    let worker = sdcluster_tests::worker_binary().display().to_string();
+    let cluster = Cluster::start_with_os_env("oddbytes", &[("ODD_BYTES", value)], &["--instances", "1"], &[&worker]);
+    let pid = cluster.wait_running(1).instances[0].pid.expect("a pid");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("the worker's environment");
+    assert!(
+        environ.split(|&b| b == 0).any(|var| var == b"ODD_BYTES=caf\xe9 \xff\xfe"),
+        "{}",
+        String::from_utf8_lossy(&environ)
+    );
+
+    let dir = TestDir::new("nul");
+    let (script, marker) = marker_worker(&dir);
+    let listen = format!("127.0.0.1:{}", net::free_port());
+    let head = format!("name = \"nul\"\nlisten = [\"{listen}\"]\n");
+    for (what, body) in [
+        ("an argument", format!("command = [\"{}\", \"a\\u0000b\"]\n", script.display())),
+        ("a variable", format!("command = [\"{}\"]\nenvironment = {{ A = \"x\\u0000y\" }}\n", script.display())),
+        ("a path", format!("command = [\"{}\"]\nworking-directory = \"/tmp/a\\u0000b\"\n", script.display())),
+    ] {
+        let toml = dir.join("nul.toml");
+        std::fs::write(&toml, format!("{head}{body}")).expect("write the spec");
+        let runtime = private_dir("nul-rt");
+        let output = sdcluster_output(runtime.path(), &["run", &toml.display().to_string()]);
+        let stderr = stderr_of(&output);
+        eprintln!("a NUL in {what}: {}", stderr.trim());
+        assert!(!output.status.success(), "{what}: sdcluster run succeeded");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        assert!(stderr.contains("NUL") || stderr.contains("control character"), "{what}: {stderr}");
+        assert!(!marker.exists(), "{what}: a worker was started");
+    }
+}
+
+/// Kills what carries `marker` when dropped: a failing test leaves no daemon behind.
+struct KillMarked(String);
+
+impl Drop for KillMarked {
+    fn drop(&mut self) {
+        for pid in processes_with_marker(&self.0) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A worker that daemonizes a child (`setsid` and a double fork: a session and a process
+/// group of its own, its parent gone, as `daemon(3)` does) leaves nothing behind: the
+/// supervisor, a child subreaper, adopts the daemon and kills it once the worker it came from
+/// ended (`kill -9`, or a stop by scale-down), the other instance's daemon living on; once
+/// the supervisor stopped, no process it started is left.
+#[test]
+fn what_a_worker_daemonizes_goes_with_it() {
+    let marker = format!("sdcluster-test-daemon-{}", std::process::id());
+    let _cleanup = KillMarked(marker.clone());
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/daemonizing-worker.sh");
+    let fixture = fixture.display().to_string();
+    let worker = sdcluster_tests::worker_binary().display().to_string();
+    let mut cluster = Cluster::start("daemons", &["--instances", "2"], &[&fixture, &marker, &worker]);
+    let before = pids_by_instance(&cluster.wait_running(2));
+    let daemon_of = |instance: &str| -> Option<u32> {
+        let found = processes_with_marker(&format!("{marker}-{instance}"));
+        (found.len() == 1).then(|| found[0])
+    };
+    let (one, two) = wait_until(PATIENCE, || Some((daemon_of("1")?, daemon_of("2")?))).unwrap_or_else(|| {
+        panic!("the daemons did not start: {:?}\n{}", processes_with_marker(&marker), cluster.stderr())
+    });
+    let (_, group, session) = proc_ids(one).expect("the daemon's ids");
+    assert!(group != before["1"] && session != before["1"], "the daemon left the worker's group and session");
+    assert_eq!(proc_ids(one).map(|ids| ids.0), Some(cluster.pid()), "adopted by the supervisor, not by PID 1");
+
+    signal_pid(before["1"], libc::SIGKILL);
+    wait_all_gone(&[one], PATIENCE);
+    assert!(is_alive(two), "the daemon of instance 2, which runs, is left alone");
+    cluster.wait_until("instance 1 back", |s| s.instances[0].pid.filter(|&p| p != before["1"]));
+    let again = wait_until(PATIENCE, || daemon_of("1")).expect("the new instance 1 daemonized again");
+    cluster.wait_for_stderr("the kill in the log", |log| {
+        log.contains(&format!("killing pid {one} (sleep), left behind by instance 1's ended process")).then_some(())
+    });
+
+    // A stop (scale-down) takes its daemon along too.
+    cluster.ctl_ok(&["scale", "daemons", "1"]);
+    wait_all_gone(&[two], PATIENCE);
+    assert!(is_alive(again));
+
+    cluster.signal(libc::SIGTERM);
+    assert_eq!(cluster.wait_exit(PATIENCE).code(), Some(0), "{}", cluster.stderr());
+    wait_all_gone(&[again], PATIENCE);
+    assert_eq!(processes_with_marker(&marker), Vec::<u32>::new(), "nothing it started outlives the supervisor");
+}
+
+/// A supervisor stopped (SIGSTOP) for longer than the watchdog does not kill its workers when
+/// it goes on (SIGCONT): it reads what they sent meanwhile before it judges their watchdogs,
+/// and does not count its own stall against them. The workers serve throughout: every
+/// request is answered.
+#[test]
+fn a_stalled_supervisor_kills_no_worker() {
+    let cluster = Cluster::of_workers("stalled", 3, &["--watchdog", "1s"]);
+    let before = cluster.pids();
+    let load = MixedLoad::start(cluster.addr(), 2, 2);
+    load.wait_for_more(50);
+    for stall in [Duration::from_millis(3_000), Duration::from_millis(1_500)] {
+        cluster.signal(libc::SIGSTOP);
+        std::thread::sleep(stall);
+        cluster.signal(libc::SIGCONT);
+        // Longer than the watchdog: a worker wrongly judged would be killed by now.
+        std::thread::sleep(Duration::from_millis(1_500));
+        load.wait_for_more(50);
+    }
+    let status = cluster.wait_running(3);
+    let log = cluster.stderr();
+    assert!(!log.contains("sent no WATCHDOG=1"), "{log}");
+    assert!(status.instances.iter().all(|i| i.restarts == 0), "{status:?}");
+    assert_eq!(cluster.pids(), before, "the same processes");
+    assert!(log.contains("the supervisor did not run for"), "the stall is logged: {log}");
+    load.stop_without_loss("a stalled supervisor");
 }

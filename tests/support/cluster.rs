@@ -2,6 +2,7 @@
 //! one supervisor with its own runtime folder, port and app name, and the `sdcluster status`,
 //! `restart` and `scale` commands pointed at it.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -77,7 +78,14 @@ impl Cluster {
     /// [`Cluster::start`], with `env` added to the supervisor's environment (which its
     /// workers inherit).
     pub fn start_with_env(name: &str, env: &[(&str, &str)], args: &[&str], command: &[&str]) -> Self {
-        let dir = TestDir::new(&format!("run-{name}"));
+        let env: Vec<(&str, &OsStr)> = env.iter().map(|&(k, v)| (k, OsStr::new(v))).collect();
+        Self::start_with_os_env(name, &env, args, command)
+    }
+
+    /// [`Cluster::start_with_env`] with values of any bytes (an environment need not be
+    /// UTF-8).
+    pub fn start_with_os_env(name: &str, env: &[(&str, &OsStr)], args: &[&str], command: &[&str]) -> Self {
+        let dir = private_dir(&format!("run-{name}"));
         let addr: SocketAddr = ([127, 0, 0, 1], net::free_port()).into();
         let listen = addr.to_string();
         let mut run = sdcluster_command(dir.path());
@@ -234,6 +242,74 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// A [`TestDir`] of mode 0700, as `sdcluster run` wants its runtime directory (it refuses
+/// one that group or others may use).
+pub fn private_dir(label: &str) -> TestDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new(label);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+    dir
+}
+
+/// Every pid in /proc.
+fn all_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).collect()
+}
+
+/// The running processes whose command line (`/proc/PID/cmdline`, any argument) contains
+/// `marker`: a unique string a test gave them, never the test's own command line.
+pub fn processes_with_marker(marker: &str) -> Vec<u32> {
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|&pid| pid != me && is_alive(pid))
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|&b| b == 0).any(|arg| arg.windows(marker.len()).any(|w| w == marker.as_bytes()))
+            })
+        })
+        .collect()
+}
+
+/// Every running process below `root` (children, their children, ...), from /proc.
+pub fn descendants_of(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> =
+        all_pids().into_iter().filter_map(|pid| Some((pid, proc_ids(pid)?.0))).filter(|&(p, _)| is_alive(p)).collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, ppid) in &parents {
+            if ppid == parent && !found.contains(&pid) {
+                found.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
+/// The parent, process group and session of `pid`, from `/proc/PID/stat`.
+pub fn proc_ids(pid: u32) -> Option<(u32, u32, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(") ")?.1.split(' ').skip(1);
+    let mut next = || fields.next()?.parse::<u32>().ok();
+    Some((next()?, next()?, next()?))
+}
+
+/// How many fds process `pid` has open (`/proc/PID/fd`).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The pids whose parent is `parent`, from /proc.

@@ -3,28 +3,134 @@
 //! JSON [`ControlRequest`] line from the client, one JSON [`ControlResponse`] line back.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
+use nix::sys::stat::{Mode, fstat};
+use nix::unistd::Uid;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::Instances;
 use crate::status::ClusterStatus;
 
 /// Where `sdcluster run` keeps its sockets: `/run/sdcluster` for root, else the user's
-/// runtime directory; `SDCLUSTER_RUNTIME_DIR` overrides both.
+/// runtime directory (`$XDG_RUNTIME_DIR/sdcluster`, or `/tmp/sdcluster-UID` without it);
+/// `SDCLUSTER_RUNTIME_DIR` overrides both. Whoever can write into it can take over the
+/// control socket: [`prepare_private_dir`] makes it (mode 0700) and checks it before use.
 pub fn runtime_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SDCLUSTER_RUNTIME_DIR") {
         return dir.into();
     }
     if nix::unistd::geteuid().is_root() {
-        return "/run/sdcluster".into();
+        return ROOT_RUNTIME_DIR.into();
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) => Path::new(&dir).join("sdcluster"),
         None => std::env::temp_dir().join(format!("sdcluster-{}", nix::unistd::geteuid())),
     }
+}
+
+/// A directory `sdcluster run` refuses to keep its sockets (or its apps' runtime files) in,
+/// and why: the message says what is wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UnsafeDir(pub String);
+
+/// Whether a directory may be used for runtime files, and how strictly it is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privacy {
+    /// Owned by us, mode 0700 (no access for group or others), not a symlink. Root may also
+    /// use a root-owned directory that group and others can read but not write (systemd
+    /// makes `/run/sdcluster` 0755 for the runtime directories of installed apps, whose
+    /// workers run as their own users): nobody else can create, replace or remove anything
+    /// in it.
+    Private,
+    /// For a client about to talk to the sockets in it: owned by us or by root, writable by
+    /// nobody else, not a symlink. (A user's status request to root's cluster is fine; a
+    /// socket another user could have planted is not.)
+    Trusted,
+}
+
+/// Root's runtime directory. systemd shares it: the runtime directories of installed apps
+/// (`RuntimeDirectory=sdcluster/APP`) are made in it, for workers that run as their own
+/// users; so root makes it 0755, as systemd would, and nobody else can write into it.
+pub const ROOT_RUNTIME_DIR: &str = "/run/sdcluster";
+
+/// Creates `dir` if it is missing (mode 0700, but [`ROOT_RUNTIME_DIR`] 0755 for root;
+/// missing parents as usual), then checks it ([`check_dir`] with [`Privacy::Private`]).
+pub fn prepare_private_dir(dir: &Path) -> Result<(), UnsafeDir> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| UnsafeDir(format!("cannot create {}: {e}", parent.display())))?;
+        }
+    }
+    let shared = Uid::effective().is_root() && dir == Path::new(ROOT_RUNTIME_DIR);
+    match std::fs::DirBuilder::new().mode(if shared { 0o755 } else { 0o700 }).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(UnsafeDir(format!("cannot create the runtime directory {}: {e}", dir.display()))),
+    }
+    check_dir(dir, Privacy::Private)
+}
+
+/// Checks that `dir` is a directory (not a symlink to one: it is opened with `O_NOFOLLOW`)
+/// that no other user can take over (see [`Privacy`]); the error says what is wrong and what
+/// to do.
+pub fn check_dir(dir: &Path, privacy: Privacy) -> Result<(), UnsafeDir> {
+    let me = Uid::effective();
+    let shown = dir.display();
+    let fix = "remove it, or point SDCLUSTER_RUNTIME_DIR at a directory of your own with mode 0700";
+    let fd = match open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+    {
+        Ok(fd) => fd,
+        // O_DIRECTORY | O_NOFOLLOW on a symlink fails with ENOTDIR (or ELOOP): lstat tells.
+        Err(Errno::ELOOP | Errno::ENOTDIR) if dir.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) => {
+            return Err(UnsafeDir(format!(
+                "the runtime directory {shown} is a symbolic link: refusing it (whoever made it chooses where the \
+                 control socket goes); {fix}"
+            )));
+        }
+        Err(Errno::ENOTDIR) => {
+            return Err(UnsafeDir(format!("the runtime directory {shown} is not a directory; {fix}")));
+        }
+        Err(e) => return Err(UnsafeDir(format!("cannot open the runtime directory {shown}: {}", e.desc()))),
+    };
+    let st = fstat(&fd).map_err(|e| UnsafeDir(format!("cannot stat {shown}: {}", e.desc())))?;
+    judge(dir, st.st_uid, st.st_mode & 0o7777, me.as_raw(), privacy)
+}
+
+/// [`check_dir`]'s verdict on a directory of `owner` and `mode`, for a process of uid `me`.
+fn judge(dir: &Path, owner: u32, mode: u32, me: u32, privacy: Privacy) -> Result<(), UnsafeDir> {
+    let shown = dir.display();
+    let fix = "remove it, or point SDCLUSTER_RUNTIME_DIR at a directory of your own with mode 0700";
+    let owner_ok = owner == me || (privacy == Privacy::Trusted && owner == 0);
+    if !owner_ok {
+        return Err(UnsafeDir(format!(
+            "the runtime directory {shown} belongs to uid {owner}, not to this user (uid {me}): refusing it (its \
+             owner could take over or watch the control socket); {fix}"
+        )));
+    }
+    let readable_ok = privacy == Privacy::Trusted || owner == 0;
+    let exposed = if readable_ok { mode & 0o022 } else { mode & 0o077 };
+    if exposed != 0 {
+        let who = if readable_ok { "write into it" } else { "use it" };
+        return Err(UnsafeDir(format!(
+            "the runtime directory {shown} has mode {mode:04o}: group or others may {who}; make it private \
+             (chmod 700 {shown}), or {fix}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a peer of uid `peer` may use a control socket of this process (effective uid
+/// `me`): the same user, or root.
+pub fn peer_allowed(peer: u32, me: u32) -> bool {
+    peer == me || peer == 0
 }
 
 /// The control socket of app `name`.
@@ -173,7 +279,26 @@ pub struct NotRunning {
 pub fn request(dir: &Path, app: &str, request: &ControlRequest) -> Result<ControlResponse, NotRunning> {
     let path = control_path(dir, app);
     let fail = |source| NotRunning { app: app.into(), path: path.clone(), source };
+    if dir.symlink_metadata().is_ok() {
+        // (Missing, the connect below says so.)
+        check_dir(dir, Privacy::Trusted)
+            .map_err(|e| fail(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.0)))?;
+    }
     let stream = UnixStream::connect(&path).map_err(fail)?;
+    // Whoever answers must be us or root: a socket another user planted gets no request.
+    let server = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| fail(e.into()))?;
+    let me = Uid::effective().as_raw();
+    if !peer_allowed(server.uid(), me) {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing it: the socket is served by uid {} (pid {}), not by this user (uid {me}) or root",
+                server.uid(),
+                server.pid()
+            ),
+        )));
+    }
     stream.set_read_timeout(Some(Duration::from_secs(600))).map_err(fail)?;
     exchange(stream, request).map_err(fail)
 }
@@ -199,6 +324,59 @@ mod tests {
         reader.read_line(&mut line).unwrap();
         let request = parse_message(&line).unwrap();
         write_message(&stream, &answer(request)).unwrap();
+    }
+
+    #[test]
+    fn runtime_directories_must_be_private() {
+        let dir = Path::new("/run/x");
+        let ok = |owner, mode, me, privacy| judge(dir, owner, mode, me, privacy).map_err(|e| e.0);
+        assert_eq!(ok(1000, 0o700, 1000, Privacy::Private), Ok(()));
+        let err = ok(1001, 0o700, 1000, Privacy::Private).unwrap_err();
+        assert!(
+            err.starts_with("the runtime directory /run/x belongs to uid 1001, not to this user (uid 1000)"),
+            "{err}"
+        );
+        assert!(err.contains("SDCLUSTER_RUNTIME_DIR"), "what to do: {err}");
+        let err = ok(1000, 0o750, 1000, Privacy::Private).unwrap_err();
+        assert!(err.contains("has mode 0750: group or others may use it") && err.contains("chmod 700 /run/x"), "{err}");
+        assert!(ok(1000, 0o701, 1000, Privacy::Private).is_err(), "others may not even search it");
+        // Root's /run/sdcluster, as systemd makes it for installed apps: nobody else can write.
+        assert_eq!(ok(0, 0o755, 0, Privacy::Private), Ok(()));
+        assert!(ok(0, 0o775, 0, Privacy::Private).unwrap_err().contains("may write into it"));
+        assert!(ok(0, 0o1777, 0, Privacy::Private).is_err(), "not even a sticky /tmp");
+        // A client trusts its own and root's directories that nobody else can write.
+        assert_eq!(ok(0, 0o755, 1000, Privacy::Trusted), Ok(()));
+        assert_eq!(ok(1000, 0o755, 1000, Privacy::Trusted), Ok(()));
+        assert!(ok(1001, 0o700, 1000, Privacy::Trusted).is_err());
+        assert!(ok(1000, 0o757, 1000, Privacy::Trusted).is_err());
+        assert!(ok(0, 0o700, 1000, Privacy::Private).is_err(), "a user does not run in root's directory");
+    }
+
+    #[test]
+    fn private_directories_are_made_private_and_symlinks_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("sdcluster-rtdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let made = base.join("a/sdcluster");
+        prepare_private_dir(&made).unwrap();
+        assert_eq!(std::fs::metadata(&made).unwrap().permissions().mode() & 0o7777, 0o700);
+        prepare_private_dir(&made).unwrap();
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&made, &link).unwrap();
+        let err = prepare_private_dir(&link).unwrap_err().0;
+        assert!(err.contains("is a symbolic link: refusing it"), "{err}");
+        let file = base.join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(check_dir(&file, Privacy::Private).unwrap_err().0.contains("is not a directory"));
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(prepare_private_dir(&made).unwrap_err().0.contains("has mode 0777"), "an existing one is not fixed");
+        if Uid::effective().is_root() {
+            std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o700)).unwrap();
+            nix::unistd::chown(&made, Some(Uid::from_raw(65534)), None).unwrap();
+            let err = prepare_private_dir(&made).unwrap_err().0;
+            assert!(err.contains("belongs to uid 65534, not to this user (uid 0)"), "{err}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

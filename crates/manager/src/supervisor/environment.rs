@@ -6,7 +6,9 @@
 //! `$STATE_DIRECTORY`).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -161,30 +163,41 @@ pub fn read_environment_file(path: &Path) -> Result<Vec<(String, String)>, Strin
     parse_environment_file(&text).map_err(|e| format!("environment file {}: {e}", path.display()))
 }
 
-/// The inherited environment, without what describes the supervisor's own supervisor
-/// (`LISTEN_*`, `WATCHDOG_*`, `NOTIFY_SOCKET`, another app's tables and store) rather than
-/// the workers'.
-pub fn inherited(vars: impl Iterator<Item = (String, String)>) -> BTreeMap<String, String> {
+/// The inherited environment (`std::env::vars_os()`: bytes, UTF-8 or not, as the kernel
+/// passed them), without what describes the supervisor's own supervisor (`LISTEN_*`,
+/// `WATCHDOG_*`, `NOTIFY_SOCKET`, `INVOCATION_ID`, another app's tables and store) rather
+/// than the workers'.
+pub fn inherited(vars: impl Iterator<Item = (OsString, OsString)>) -> BTreeMap<OsString, OsString> {
     use sdcluster_protocol::{env, handover};
     vars.filter(|(k, _)| {
-        !k.starts_with("LISTEN_")
-            && !k.starts_with("WATCHDOG_")
-            && k != "NOTIFY_SOCKET"
-            && k != handover::HANDOVER_FLAG_ENV
-            && k != handover::SYSTEMD_FDSTORE_ENV
-            && k != env::BALANCE_FILE
-            && k != env::METRICS_FILE
-            && k != "CREDENTIALS_DIRECTORY"
+        let k = k.as_bytes();
+        !k.starts_with(b"LISTEN_")
+            && !k.starts_with(b"WATCHDOG_")
+            && ![
+                "NOTIFY_SOCKET",
+                "INVOCATION_ID",
+                handover::HANDOVER_FLAG_ENV,
+                handover::SYSTEMD_FDSTORE_ENV,
+                env::BALANCE_FILE,
+                env::METRICS_FILE,
+                "CREDENTIALS_DIRECTORY",
+            ]
+            .iter()
+            .any(|own| own.as_bytes() == k)
     })
     .collect()
 }
 
-/// One map from the layers, in order: a later layer's value wins.
-pub fn layered<'a>(layers: impl IntoIterator<Item = &'a [(String, String)]>) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
+/// One map from the inherited `base` and the layers over it, in order: a later layer's value
+/// wins.
+pub fn layered<'a>(
+    base: &BTreeMap<OsString, OsString>,
+    layers: impl IntoIterator<Item = &'a [(String, String)]>,
+) -> BTreeMap<OsString, OsString> {
+    let mut env = base.clone();
     for layer in layers {
         for (k, v) in layer {
-            env.insert(k.clone(), v.clone());
+            env.insert(k.into(), v.into());
         }
     }
     env
@@ -316,17 +329,23 @@ mod tests {
 
     #[test]
     fn later_layers_win() {
+        use std::os::unix::ffi::OsStringExt;
+        let os = |(k, v): (String, String)| (OsString::from(k), OsString::from(v));
+        let bytes = (OsString::from("BYTES"), OsString::from_vec(b"\xff\xfe".to_vec()));
         let inherited = inherited(
-            [kv("PATH", "/bin"), kv("A", "inherited"), kv("LISTEN_FDS", "3"), kv("NOTIFY_SOCKET", "/x")].into_iter(),
+            [kv("PATH", "/bin"), kv("A", "inherited"), kv("LISTEN_FDS", "3"), kv("NOTIFY_SOCKET", "/x")]
+                .into_iter()
+                .map(os)
+                .chain([bytes.clone()]),
         );
-        assert_eq!(inherited.keys().collect::<Vec<_>>(), ["A", "PATH"]);
-        let inherited: Vec<(String, String)> = inherited.into_iter().collect();
+        assert_eq!(inherited.keys().collect::<Vec<_>>(), ["A", "BYTES", "PATH"]);
         let spec = [kv("A", "spec"), kv("B", "spec")];
         let file = [kv("B", "file")];
-        let env = layered([&inherited[..], &spec, &file]);
-        assert_eq!(env["A"], "spec");
-        assert_eq!(env["B"], "file");
-        assert_eq!(env["PATH"], "/bin");
+        let env = layered(&inherited, [&spec[..], &file]);
+        assert_eq!(env[&OsString::from("A")], "spec");
+        assert_eq!(env[&OsString::from("B")], "file");
+        assert_eq!(env[&OsString::from("PATH")], "/bin");
+        assert_eq!(env[&bytes.0], bytes.1, "not UTF-8: passed through as bytes");
     }
 
     #[test]

@@ -114,6 +114,11 @@ pub enum Event {
     Stopping,
     /// The supervisor stops the instance (SIGTERM), to do `Then` afterwards.
     Stop(Then),
+    /// The supervisor itself did not run for this long (stopped with SIGSTOP, starved by
+    /// the machine): that time is not held against the instance. Its watchdog and stop
+    /// deadlines move on by as much (a ping it sent meanwhile may still be queued, or was
+    /// never sent because its socket was full).
+    Stalled(Duration),
 }
 
 /// What the supervisor does for a transition.
@@ -374,6 +379,17 @@ impl Machine {
                 }
             },
 
+            (Life::Running { pid, since, ready_at, last_ping }, Event::Stalled(stall)) => {
+                // Never past now: a stall grants the time it took, not a head start.
+                let last_ping = (last_ping + stall).min(now).max(last_ping);
+                self.life = Life::Running { pid, since, ready_at, last_ping };
+                vec![]
+            }
+            (Life::Stopping { pid, since, ready_at, then, deadline, killed: false }, Event::Stalled(stall)) => {
+                self.life = Life::Stopping { pid, since, ready_at, then, deadline: deadline + stall, killed: false };
+                vec![]
+            }
+
             (Life::Failed { .. }, Event::Stop(Then::Stay)) => {
                 self.life = Life::Stopped;
                 vec![Action::RemoveHandoverFlag, Action::DropStore]
@@ -568,6 +584,36 @@ mod tests {
         // Without a watchdog, a running worker has no deadline.
         let quiet = Timing { watchdog: None, ..t };
         assert_eq!(running(t0).next_deadline(&quiet), None);
+    }
+
+    /// A supervisor that did not run for 5 s (SIGSTOP) does not hold those 5 s against its
+    /// workers: the watchdog and the stop deadline move on by the stall; a worker silent
+    /// beyond that is still killed.
+    #[test]
+    fn a_stall_of_the_supervisor_is_not_a_missed_ping() {
+        let t0 = Instant::now();
+        let t = timing();
+        let mut m = running(t0);
+        m.handle(Event::Ping, t0 + 500 * MS, &t);
+        let resumed = t0 + 5_500 * MS;
+        assert!(m.handle(Event::Stalled(5_000 * MS), resumed, &t).is_empty());
+        assert_eq!(m.next_deadline(&t), Some(t0 + 5_500 * MS + t.watchdog.unwrap()), "a full period from the resume");
+        assert!(m.handle(Event::Tick, resumed, &t).is_empty(), "not killed at the resume");
+        assert_eq!(m.handle(Event::Tick, resumed + 1_000 * MS, &t), [Action::Signal(PID, Signal::SIGABRT)]);
+        // A short stall postpones by as much, no more.
+        let mut m = running(t0);
+        m.handle(Event::Stalled(200 * MS), t0 + 600 * MS, &t);
+        assert_eq!(m.next_deadline(&t), Some(t0 + 1_200 * MS));
+        // A draining worker gets its stop timeout in supervisor time too.
+        let mut s = running(t0);
+        s.handle(Event::Stop(Then::Stay), t0, &t);
+        s.handle(Event::Stalled(5_000 * MS), t0 + 6_000 * MS, &t);
+        assert_eq!(s.next_deadline(&t), Some(t0 + t.stop_timeout + 5_000 * MS));
+        assert!(s.handle(Event::Tick, t0 + t.stop_timeout, &t).is_empty());
+        // Other states have nothing to postpone.
+        let mut w = Machine::new("2", t0);
+        assert!(w.handle(Event::Stalled(5_000 * MS), t0, &t).is_empty());
+        assert_eq!(w.life, Life::Waiting { until: t0 });
     }
 
     #[test]

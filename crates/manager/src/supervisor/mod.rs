@@ -14,15 +14,27 @@
 //! own), its credentials copied into a private folder, its state directory; it is ready at
 //! `READY=1`, or (`ready = exec`) once its program was executed, which its exec pipe says
 //! ([`spawn`]). When an instance's main process ends, whatever is left of its process group
-//! is killed, as systemd's `KillMode=mixed` does with the unit's cgroup.
+//! is killed, as systemd's `KillMode=mixed` does with the unit's cgroup; what escaped the
+//! group (a daemon in a session of its own) is adopted by the supervisor, a child subreaper,
+//! and killed once the process it descends from ended ([`orphans`]); nothing the supervisor
+//! started outlives it.
+//!
+//! Hostile or odd input is refused or passed through, never a panic: a NUL byte in the
+//! command or the environment is refused before anything starts, an inherited variable that
+//! is not UTF-8 reaches the workers byte for byte. The runtime directory must be private
+//! ([`control::prepare_private_dir`]), and the control socket answers only its own user and
+//! root (`SO_PEERCRED`). A stalled supervisor (SIGSTOP) reads what its workers sent meanwhile
+//! before it judges their watchdogs, and does not count its own stall against them.
 
 mod environment;
 mod fdstore;
 mod machine;
+mod orphans;
 mod roll;
 mod spawn;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
@@ -38,7 +50,7 @@ use sdcluster_protocol::metrics::{METRICS_FD_NAME, METRICS_FILE_ENV, MetricsTabl
 use sdcluster_protocol::notify::Notification;
 use sdcluster_protocol::{BindError, Listener, balance, handover};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
@@ -61,6 +73,16 @@ const TICK: Duration = Duration::from_secs(1);
 const MAX_NOTIFY_FDS: usize = 253;
 /// Longest notification datagram read (systemd's is the same, PIPE_BUF).
 const NOTIFY_BUFFER: usize = 4096;
+/// The main loop woke this much later than it meant to: the supervisor was stalled
+/// (SIGSTOP, a starved machine), and its instances' deadlines move on by as much.
+const STALL_MIN: Duration = Duration::from_millis(100);
+/// Most notifications read in one go before deadlines are checked (a worker that floods the
+/// socket cannot hold the loop).
+const DRAIN_MAX: usize = 4096;
+/// Longest control request read (a request is a few dozen bytes of JSON).
+const CONTROL_LINE_MAX: u64 = 64 * 1024;
+/// How long the supervisor, stopping, waits for what its workers left behind to die.
+const LEFTOVERS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +90,12 @@ pub enum SuperviseError {
     /// A listen address.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// The runtime directory is not private (another user could take over the sockets).
+    #[error(transparent)]
+    RuntimeDir(#[from] control::UnsafeDir),
+    /// The spec holds what no process can be given (a NUL byte in an argument).
+    #[error("{0}")]
+    Spec(String),
     /// Another `sdcluster run` serves this app.
     #[error(
         "`sdcluster run` for {0:?} is already running (its control socket {1} answers); stop it first, or give this one another --name"
@@ -106,6 +134,8 @@ struct Instance {
     exec_failure: Option<(Pid, ExecFailure)>,
     /// Its private credentials folder (`$CREDENTIALS_DIRECTORY`), while a process runs.
     credentials: PathBuf,
+    /// The `INVOCATION_ID` of its current (or last) process, which its descendants inherit.
+    invocation: String,
 }
 
 impl Instance {
@@ -131,8 +161,9 @@ pub struct Supervisor {
     /// process's mapping of it, for `status`.
     metrics_table: OwnedFd,
     metrics: MetricsTable,
-    /// The environment this process was given, less what describes its own supervisor.
-    inherited: Vec<(String, String)>,
+    /// The environment this process was given (bytes: UTF-8 or not), less what describes
+    /// its own supervisor.
+    inherited: BTreeMap<OsString, OsString>,
     /// Pids whose exec pipe became readable (from a small task per start).
     exec_ready: mpsc::UnboundedSender<Pid>,
     exec_reports: Option<mpsc::UnboundedReceiver<Pid>>,
@@ -140,12 +171,19 @@ pub struct Supervisor {
     roll: Option<Roll>,
     roll_waiters: Vec<oneshot::Sender<ControlResponse>>,
     shutting_down: bool,
+    /// Adopted orphans this process killed and has not reaped yet.
+    swept: BTreeSet<Pid>,
+    /// Adopted orphans without an `INVOCATION_ID`, kept until the cluster stops (logged once).
+    untracked: BTreeSet<Pid>,
+    /// When the adopted orphans were last looked at.
+    last_sweep: Option<Instant>,
 }
 
 impl Supervisor {
     /// Binds the spec's listeners (once, for all instances) and prepares the instances.
     pub fn bind(spec: Spec, dir: PathBuf) -> Result<Self, SuperviseError> {
-        std::fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+        check_passable(&spec).map_err(SuperviseError::Spec)?;
+        control::prepare_private_dir(&dir)?;
         let control = control::control_path(&dir, &spec.name);
         if std::os::unix::net::UnixStream::connect(&control).is_ok() {
             return Err(SuperviseError::AlreadyRunning(spec.name.clone(), control));
@@ -195,13 +233,16 @@ impl Supervisor {
             balance_table,
             metrics_table,
             metrics,
-            inherited: environment::inherited(std::env::vars()).into_iter().collect(),
+            inherited: inherited_environment(),
             exec_ready,
             exec_reports: Some(exec_reports),
             instances: Vec::new(),
             roll: None,
             roll_waiters: Vec::new(),
             shutting_down: false,
+            swept: BTreeSet::new(),
+            untracked: BTreeSet::new(),
+            last_sweep: None,
         };
         supervisor.scale_to(supervisor.spec.instances.resolve())?;
         Ok(supervisor)
@@ -257,7 +298,8 @@ impl Supervisor {
             tables,
             self.spec.watchdog.map(|d| d.as_micros() as u64),
             self.spec.working_directory.as_deref(),
-        );
+        )
+        .map_err(|e| SuperviseError::Spec(e.to_string()))?;
         let credentials = control::credentials_dir(&self.dir, &self.spec.name).join(&name);
         Ok(Instance {
             machine: Machine::new(name, Instant::now()),
@@ -270,13 +312,15 @@ impl Supervisor {
             exec: None,
             exec_failure: None,
             credentials,
+            invocation: String::new(),
         })
     }
 
     /// The whole environment of instance `idx`'s next process (without the sd_listen_fds
     /// variables, which [`Launch::spawn`] adds), its credentials written and its state
-    /// directory made: what can fail here fails the start, with a message.
-    fn start_environment(&self, idx: usize) -> Result<BTreeMap<String, String>, String> {
+    /// directory made: what can fail here fails the start, with a message. `invocation` is
+    /// the process's `INVOCATION_ID`.
+    fn start_environment(&self, idx: usize, invocation: &str) -> Result<BTreeMap<OsString, OsString>, String> {
         let i = &self.instances[idx];
         let worker = self.spec.worker_environment(i.name());
         let file = match &self.spec.environment_file {
@@ -286,6 +330,7 @@ impl Supervisor {
         let mut own = vec![
             ("NOTIFY_SOCKET".to_owned(), control::notify_path(&self.dir, &self.spec.name).display().to_string()),
             (handover::HANDOVER_FLAG_ENV.to_owned(), i.flag.display().to_string()),
+            (orphans::INVOCATION_ID.to_owned(), invocation.to_owned()),
         ];
         if let Some(name) = &self.spec.state_directory {
             let root = nix::unistd::geteuid().is_root();
@@ -297,7 +342,7 @@ impl Supervisor {
             environment::write_credentials(&i.credentials, &self.spec.credentials)?;
             own.push(("CREDENTIALS_DIRECTORY".to_owned(), i.credentials.display().to_string()));
         }
-        Ok(environment::layered([&self.inherited[..], &worker, &file, &own]))
+        Ok(environment::layered(&self.inherited, [&worker[..], &file, &own]))
     }
 
     /// Learns from instance `idx`'s exec pipe whether its process runs its program, if the
@@ -342,6 +387,8 @@ impl Supervisor {
 
     /// Supervises until SIGTERM/SIGINT, then drains every worker and returns.
     pub async fn run(mut self) -> Result<(), SuperviseError> {
+        // Before the first fork: every orphan below this process comes back to it.
+        orphans::become_subreaper().map_err(io_err("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER)"))?;
         let notify_path = control::notify_path(&self.dir, &self.spec.name);
         let _ = std::fs::remove_file(&notify_path);
         let notify =
@@ -353,11 +400,22 @@ impl Supervisor {
             .map_err(|e| io_err("notify socket")(e.into()))?;
         let handover_dir = control::handover_dir(&self.dir, &self.spec.name);
         let _ = std::fs::remove_dir_all(&handover_dir);
-        std::fs::create_dir_all(&handover_dir).map_err(io_err(format!("cannot create {}", handover_dir.display())))?;
+        control::prepare_private_dir(&handover_dir)?;
+        // Credentials a killed supervisor left behind go; the folder is made private anew.
+        let credentials_dir = control::credentials_dir(&self.dir, &self.spec.name);
+        let _ = std::fs::remove_dir_all(&credentials_dir);
+        control::prepare_private_dir(&credentials_dir)?;
         let control_path = control::control_path(&self.dir, &self.spec.name);
         let _ = std::fs::remove_file(&control_path);
         let control =
             UnixListener::bind(&control_path).map_err(io_err(format!("cannot bind {}", control_path.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The folder is private already; the socket is too (and every peer is checked).
+            std::fs::set_permissions(&control_path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err(format!("cannot make {} private", control_path.display())))?;
+        }
+        let me = nix::unistd::geteuid().as_raw();
         let (requests, mut incoming) = mpsc::channel::<Request>(16);
         let mut exec_reports = self.exec_reports.take().expect("run is called once");
         let sig = |kind| signal(kind).map_err(io_err("cannot install signal handlers"));
@@ -375,13 +433,23 @@ impl Supervisor {
             self.spec.listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             self.spec.balance,
         );
+        // When the loop meant to wake up next: waking up much later means it was stalled.
+        let mut planned = Instant::now();
         loop {
+            // What the workers sent first (also what queued while this process was stopped),
+            // then the deadlines, in supervisor time.
+            self.drain_notifications(notify.get_ref());
+            let late = Instant::now().saturating_duration_since(planned);
+            if late >= STALL_MIN {
+                self.stalled(late);
+            }
             self.drop_hung_up();
             self.tick();
             if self.shutting_down && self.instances.iter().all(|i| i.machine.life == machine::Life::Stopped) {
                 break;
             }
             let next = self.next_deadline();
+            planned = next;
             tokio::select! {
                 biased;
                 // Notifications first: a worker's last datagram (its stored fds) is handled
@@ -402,7 +470,7 @@ impl Supervisor {
                 _ = term.recv() => self.shut_down("SIGTERM"),
                 _ = int.recv() => self.shut_down("SIGINT"),
                 _ = hup.recv() => { tracing::info!("SIGHUP: rolling restart"); self.start_roll(None); }
-                Ok((stream, _)) = control.accept() => { tokio::spawn(serve_control(stream, requests.clone())); }
+                Ok((stream, _)) = control.accept() => { tokio::spawn(serve_control(stream, requests.clone(), me)); }
                 Some(request) = incoming.recv() => self.on_request(request),
                 Some(pid) = exec_reports.recv() => {
                     if let Some(idx) = self.instances.iter().position(|i| i.exec.as_ref().is_some_and(|(p, _)| *p == pid)) {
@@ -412,12 +480,103 @@ impl Supervisor {
                 () = tokio::time::sleep_until(next.into()) => {}
             }
         }
+        self.kill_leftovers();
         let _ = std::fs::remove_file(&control_path);
         let _ = std::fs::remove_file(&notify_path);
         let _ = std::fs::remove_dir_all(&handover_dir);
-        let _ = std::fs::remove_dir_all(control::credentials_dir(&self.dir, &self.spec.name));
+        let _ = std::fs::remove_dir_all(&credentials_dir);
         tracing::info!("{}: all workers stopped", self.spec.name);
         Ok(())
+    }
+
+    /// Handles what waits in the notify socket, at most [`DRAIN_MAX`] datagrams.
+    fn drain_notifications(&mut self, socket: &UnixDatagram) {
+        for _ in 0..DRAIN_MAX {
+            match receive(socket) {
+                Ok((pid, n, fds)) => self.on_notification(pid, n, fds),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The loop ran `late` after it meant to: the supervisor did not run meanwhile, and that
+    /// time is not held against its instances ([`Event::Stalled`]).
+    fn stalled(&mut self, late: Duration) {
+        if late >= Duration::from_secs(1) {
+            tracing::warn!(
+                "the supervisor did not run for {late:.1?} (stopped, or starved of CPU): watchdog and stop deadlines move on by as much"
+            );
+        } else {
+            tracing::debug!("the main loop woke {late:?} late: deadlines move on by as much");
+        }
+        for idx in 0..self.instances.len() {
+            self.deliver(idx, Event::Stalled(late));
+        }
+    }
+
+    /// Kills the adopted orphans that are left from a process that ended: those whose
+    /// `INVOCATION_ID` is no running process's ([`orphans`]). Those without one stay until
+    /// the cluster stops ([`Self::kill_leftovers`]).
+    fn sweep_orphans(&mut self) {
+        self.last_sweep = Some(Instant::now());
+        let live: BTreeSet<&str> =
+            self.instances.iter().filter(|i| i.machine.pid().is_some()).map(|i| i.invocation.as_str()).collect();
+        let mut killed = Vec::new();
+        for pid in orphans::children() {
+            if self.instances.iter().any(|i| i.machine.pid() == Some(pid))
+                || self.swept.contains(&pid)
+                || orphans::is_zombie(pid)
+            {
+                continue;
+            }
+            match orphans::invocation_of(pid) {
+                Some(id) if live.contains(id.as_str()) => {}
+                Some(id) => {
+                    let of = self.instances.iter().find(|i| i.invocation == id).map(|i| i.name().to_owned());
+                    let from =
+                        of.map_or_else(|| "an ended process".to_owned(), |n| format!("instance {n}'s ended process"));
+                    tracing::info!("killing pid {pid} ({}), left behind by {from}", orphans::name_of(pid));
+                    orphans::kill_child(pid);
+                    killed.push(pid);
+                }
+                None => {
+                    if self.untracked.insert(pid) {
+                        tracing::debug!(
+                            "pid {pid} ({}), adopted, carries no INVOCATION_ID: it is killed when the cluster stops",
+                            orphans::name_of(pid)
+                        );
+                    }
+                }
+            }
+        }
+        self.swept.extend(killed);
+    }
+
+    /// Once every instance stopped: SIGKILL to whatever is still below this process (adopted
+    /// orphans and their children, which come to it in turn), until nothing is left or
+    /// [`LEFTOVERS_TIMEOUT`] passed.
+    fn kill_leftovers(&mut self) {
+        let deadline = Instant::now() + LEFTOVERS_TIMEOUT;
+        let mut killed = BTreeSet::new();
+        loop {
+            self.reap();
+            let left: Vec<Pid> = orphans::children().into_iter().filter(|&p| !orphans::is_zombie(p)).collect();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("processes {left:?} were still there {LEFTOVERS_TIMEOUT:?} after SIGKILL");
+                break;
+            }
+            for pid in left {
+                if killed.insert(pid) {
+                    tracing::info!("killing pid {pid} ({}), left behind by the workers", orphans::name_of(pid));
+                }
+                orphans::kill_child(pid);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.reap();
     }
 
     /// The earliest deadline of any instance, at most a [`TICK`] away.
@@ -431,6 +590,9 @@ impl Supervisor {
             // Should a wake-up have been missed, the pipe is read here too.
             self.resolve_exec(idx);
             self.deliver(idx, Event::Tick);
+        }
+        if self.last_sweep.is_none_or(|at| at.elapsed() >= TICK) {
+            self.sweep_orphans();
         }
     }
 
@@ -461,7 +623,8 @@ impl Supervisor {
                 for name in i.store.drop_hung_up() {
                     tracing::info!("instance {}: stored fd {name:?} hung up: removed from the store", i.machine.name);
                 }
-                let env = match self.start_environment(idx) {
+                let invocation = orphans::new_invocation_id();
+                let env = match self.start_environment(idx, &invocation) {
                     Ok(env) => env,
                     Err(e) => {
                         self.instances[idx].last_exit = Some(LastExit::start_failed(e.clone()));
@@ -474,6 +637,7 @@ impl Supervisor {
                 let event = match spawned {
                     Ok(spawned) => {
                         i.status_text.clear();
+                        i.invocation = invocation;
                         if !stored.is_empty() {
                             tracing::info!("instance {}: passing {} stored fds", i.machine.name, stored.len());
                         }
@@ -548,10 +712,23 @@ impl Supervisor {
                 },
                 Err(_) => return,
             };
-            if self.instances.iter().any(|i| i.machine.pid() == Some(pid)) {
+            let instance = self.instances.iter().any(|i| i.machine.pid() == Some(pid));
+            if instance {
                 kill_group_of(pid);
+            } else {
+                // An adopted orphan (this process is a subreaper), never an instance.
+                self.swept.remove(&pid);
+                self.untracked.remove(&pid);
             }
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if !instance => {
+                    tracing::debug!(
+                        "reaped pid {pid}, adopted (no instance's main process): exited with status {code}"
+                    );
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if !instance => {
+                    tracing::debug!("reaped pid {pid}, adopted (no instance's main process): killed by {sig}");
+                }
                 Ok(WaitStatus::Exited(pid, code)) => {
                     let last = LastExit::from_wait(Some(code), None, false);
                     self.on_exit(pid, format!("exited with status {code}"), Some(code), last);
@@ -578,6 +755,8 @@ impl Supervisor {
         };
         instance.last_exit = Some(last);
         self.deliver(idx, Event::Exited { how, status });
+        // Its children are this process's now: what descends from it goes with it.
+        self.sweep_orphans();
         if !self.shutting_down {
             // Dropping an instance closes what is left of its store and its own sockets.
             self.instances.retain(|i| i.machine.life != machine::Life::Stopped);
@@ -825,6 +1004,55 @@ impl Supervisor {
     }
 }
 
+/// This process's environment as the kernel gave it (`vars_os`: a variable that is not UTF-8
+/// is passed on byte for byte, where `std::env::vars` would panic), less its supervisor's.
+fn inherited_environment() -> BTreeMap<OsString, OsString> {
+    let env = environment::inherited(std::env::vars_os());
+    let odd = env.iter().filter(|(k, v)| k.to_str().is_none() || v.to_str().is_none()).count();
+    if odd > 0 {
+        tracing::debug!("{odd} inherited variables are not UTF-8: the workers get them as they are");
+    }
+    env
+}
+
+/// Refuses, before anything starts, what cannot be handed to a process: a NUL byte in the
+/// command, the environment or a path (a C string ends at the first NUL: the program would
+/// get another argument than the spec says), or a variable name that is empty or holds `=`.
+/// The message names the key and says what to do.
+fn check_passable(spec: &Spec) -> Result<(), String> {
+    let nul = |key: &str, what: String| {
+        format!("invalid {key}: {what} holds a NUL byte, which cannot be passed to a program; remove it")
+    };
+    for (i, arg) in spec.command.iter().enumerate() {
+        if arg.contains('\0') {
+            return Err(nul("command", format!("argument {i} ({arg:?})")));
+        }
+    }
+    for (key, value) in &spec.environment {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(format!("invalid environment: {key:?} is not a variable name (no '=', no NUL, not empty)"));
+        }
+        if value.contains('\0') {
+            return Err(nul("environment", format!("the value of {key}")));
+        }
+    }
+    let paths = [
+        ("working-directory", spec.working_directory.as_deref()),
+        ("environment-file", spec.environment_file.as_deref()),
+    ];
+    for (key, path) in paths.into_iter().chain(spec.credentials.values().map(|p| ("credentials", Some(p.as_path())))) {
+        if let Some(path) = path.filter(|p| p.as_os_str().as_encoded_bytes().contains(&0)) {
+            return Err(nul(key, format!("the path {:?}", path.as_os_str())));
+        }
+    }
+    for name in spec.credentials.keys().chain(spec.state_directory.as_ref()) {
+        if name.contains('\0') {
+            return Err(nul("credentials or state-directory", format!("the name {name:?}")));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a rolling restart restarts instance `name` (it runs), or starts it again (it
 /// failed).
 fn may_roll(instances: &[Instance], name: &str) -> bool {
@@ -871,12 +1099,43 @@ fn receive(socket: &UnixDatagram) -> io::Result<(Pid, Notification, Vec<OwnedFd>
     Ok((pid, Notification::parse(&buf[..len]), fds))
 }
 
-async fn serve_control(stream: tokio::net::UnixStream, requests: mpsc::Sender<Request>) {
+/// The answer to a control connection from uid `peer` (pid `pid`), when it is refused: only
+/// this process's user (`me`) and root may control the cluster.
+fn refusal(peer: u32, pid: Option<i32>, me: u32) -> Option<ControlResponse> {
+    if control::peer_allowed(peer, me) {
+        return None;
+    }
+    let pid = pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+    tracing::warn!(
+        "refused a control connection from uid {peer}{pid}: only uid {me} and root may control this cluster"
+    );
+    Some(ControlResponse::error(format!(
+        "refused: uid {peer} may not control this cluster (only uid {me}, which runs it, and root may)"
+    )))
+}
+
+async fn serve_control(stream: tokio::net::UnixStream, requests: mpsc::Sender<Request>, me: u32) {
+    let refused = match stream.peer_cred() {
+        Ok(peer) => refusal(peer.uid(), peer.pid(), me),
+        Err(e) => {
+            tracing::warn!("refused a control connection whose peer is unknown (SO_PEERCRED: {e})");
+            return;
+        }
+    };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read);
+    // One line, of a bounded length: a request is a few dozen bytes.
+    let mut reader = BufReader::new(read.take(CONTROL_LINE_MAX));
     let read_line = reader.read_line(&mut line);
     if tokio::time::timeout(Duration::from_secs(5), read_line).await.is_err() {
+        return;
+    }
+    if let Some(answer) = refused {
+        // Read first, then answered: the client sees the refusal, not a broken pipe.
+        let mut out = Vec::new();
+        if control::write_message(&mut out, &answer).is_ok() {
+            let _ = write.write_all(&out).await;
+        }
         return;
     }
     let answer = match control::parse_message::<ControlRequest>(&line) {
@@ -922,7 +1181,7 @@ mod tests {
                 server.set_nonblocking(true).unwrap();
                 let server = tokio::net::UnixStream::from_std(server).unwrap();
                 let (requests, mut incoming) = mpsc::channel(1);
-                let serving = tokio::spawn(serve_control(server, requests));
+                let serving = tokio::spawn(serve_control(server, requests, nix::unistd::geteuid().as_raw()));
                 let got: Request = incoming.recv().await.unwrap();
                 assert_eq!(got.request, request);
                 got.reply.send(answer).unwrap();
@@ -930,6 +1189,56 @@ mod tests {
             });
             assert_eq!(client.join().unwrap(), expected);
         }
+    }
+
+    /// Only the cluster's own user and root get answers; anyone else is told why, and logged.
+    #[test]
+    fn control_peers_other_than_the_user_and_root_are_refused() {
+        assert_eq!(refusal(1000, Some(7), 1000), None);
+        assert_eq!(refusal(0, None, 1000), None, "root may");
+        let answer = refusal(65534, Some(7), 1000).expect("refused");
+        assert_eq!(
+            answer,
+            ControlResponse::error(
+                "refused: uid 65534 may not control this cluster (only uid 1000, which runs it, and root may)"
+            )
+        );
+        assert!(refusal(65534, None, 0).is_some(), "a root cluster refuses other users too");
+    }
+
+    /// NUL bytes in what goes to a process are refused by name before anything starts.
+    #[test]
+    fn nul_bytes_are_refused_before_anything_starts() {
+        let spec = || {
+            crate::spec::SpecFile {
+                name: Some("nul".into()),
+                command: Some(crate::spec::CommandLine::Argv(vec!["/bin/sh".into()])),
+                ..Default::default()
+            }
+            .validate()
+            .unwrap()
+        };
+        assert_eq!(check_passable(&spec()), Ok(()));
+        let mut bad = spec();
+        bad.command.push("a\0b".into());
+        let err = check_passable(&bad).unwrap_err();
+        assert_eq!(
+            err,
+            "invalid command: argument 1 (\"a\\0b\") holds a NUL byte, which cannot be passed to a program; remove it"
+        );
+        let dir = std::env::temp_dir().join(format!("sdcluster-nul-{}", std::process::id()));
+        let bound = Supervisor::bind(bad, dir.clone());
+        assert!(matches!(&bound, Err(SuperviseError::Spec(e)) if *e == err), "no panic, the same message");
+        let mut bad = spec();
+        bad.environment.insert("A".into(), "x\0y".into());
+        assert!(check_passable(&bad).unwrap_err().starts_with("invalid environment: the value of A holds a NUL"));
+        let mut bad = spec();
+        bad.environment.insert("A=B".into(), "x".into());
+        assert!(check_passable(&bad).unwrap_err().contains("not a variable name"));
+        let mut bad = spec();
+        bad.working_directory = Some("/a\0b".into());
+        assert!(check_passable(&bad).unwrap_err().starts_with("invalid working-directory: the path"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

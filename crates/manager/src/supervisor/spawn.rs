@@ -19,7 +19,7 @@
 //! the supervisor's event loop never waits on a child.
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, c_char};
+use std::ffi::{CString, OsStr, OsString, c_char};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -155,6 +155,24 @@ impl ExecPipe {
     }
 }
 
+/// Why [`Launch::new`] or [`Launch::spawn`] could not start a process.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpawnError {
+    /// An argument, a variable or a path holds a NUL byte, which no C string can carry: the
+    /// program would see it cut short. (The supervisor refuses such a spec at its start;
+    /// this is the last line.)
+    #[error("{0} holds a NUL byte, which cannot be passed to a program")]
+    Nul(String),
+    /// `pipe2` or `fork` failed.
+    #[error("{0}")]
+    Os(#[from] Errno),
+}
+
+/// `bytes` as a C string, or [`SpawnError::Nul`] naming `what`.
+fn cstr(bytes: impl Into<Vec<u8>>, what: impl FnOnce() -> String) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| SpawnError::Nul(what()))
+}
+
 /// A started process: its pid and the pipe that tells whether it runs its program.
 #[derive(Debug)]
 pub struct Spawned {
@@ -181,31 +199,40 @@ pub struct Launch {
 impl Launch {
     /// `fds` become 3, 4, ... in the child, named in `LISTEN_FDNAMES`; `tables` (fd and
     /// variable name) follow them, uncounted; the child starts in `directory` (default: this
-    /// process's).
+    /// process's). An argument or a directory with a NUL byte is an error, never a panic.
     pub fn new(
         argv: &[String],
         fds: Vec<(RawFd, String)>,
         tables: Vec<(RawFd, String)>,
         watchdog_usec: Option<u64>,
         directory: Option<&Path>,
-    ) -> Self {
-        Self {
-            program: argv.first().cloned().unwrap_or_default(),
-            argv: argv.iter().cloned().map(cstr).collect(),
+    ) -> Result<Self, SpawnError> {
+        let argv = argv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| cstr(a.as_bytes(), || format!("argument {i} of the command ({a:?})")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let directory_c = directory
+            .map(|d| cstr(d.as_os_str().as_bytes(), || format!("the working directory {:?}", d.as_os_str())))
+            .transpose()?;
+        Ok(Self {
+            program: argv.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default(),
+            argv,
             fds,
             tables,
             watchdog_usec,
             directory: directory.map(Path::to_path_buf),
-            directory_c: directory.map(|d| CString::new(d.as_os_str().as_bytes()).expect("no NUL in a path")),
-        }
+            directory_c,
+        })
     }
 
     /// Forks and execs with `env` (the whole environment but the protocol's variables), the
     /// launch's fds followed by `extra` (the instance's fd store), then the tables. The child
     /// is in its own process group (terminal signals reach only the supervisor, which
     /// decides; the supervisor kills what is left of the group when the main process ends)
-    /// and gets SIGTERM if the supervisor dies.
-    pub fn spawn(&self, env: &BTreeMap<String, String>, extra: &[(RawFd, &str)]) -> nix::Result<Spawned> {
+    /// and gets SIGTERM if the supervisor dies. Variables are bytes: one that is not UTF-8
+    /// (inherited) is passed as it is; one with a NUL byte is an error.
+    pub fn spawn(&self, env: &BTreeMap<OsString, OsString>, extra: &[(RawFd, &str)]) -> Result<Spawned, SpawnError> {
         let supervisor = nix::unistd::getpid();
         // Everything the child needs is allocated here, before the fork.
         let fds: Vec<RawFd> = self
@@ -218,17 +245,23 @@ impl Launch {
         let counted = self.fds.len() + extra.len();
         let names: Vec<&str> = self.fds.iter().map(|(_, n)| n.as_str()).chain(extra.iter().map(|(_, n)| *n)).collect();
         let mut env = env.clone();
-        env.retain(|k, _| !PROTOCOL_VARIABLES.contains(&k.as_str()));
+        env.retain(|k, _| !PROTOCOL_VARIABLES.iter().any(|p| OsStr::new(p) == k));
         for (i, (_, var)) in self.tables.iter().enumerate() {
             let fd = LISTEN_FDS_START as usize + counted + i;
-            env.insert(var.clone(), format!("/proc/self/fd/{fd}"));
+            env.insert(var.into(), format!("/proc/self/fd/{fd}").into());
         }
-        env.insert("LISTEN_FDS".into(), counted.to_string());
-        env.insert("LISTEN_FDNAMES".into(), names.join(":"));
+        env.insert("LISTEN_FDS".into(), counted.to_string().into());
+        env.insert("LISTEN_FDNAMES".into(), names.join(":").into());
         if let Some(usec) = self.watchdog_usec {
-            env.insert("WATCHDOG_USEC".into(), usec.to_string());
+            env.insert("WATCHDOG_USEC".into(), usec.to_string().into());
         }
-        let vars: Vec<CString> = env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect();
+        let vars: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| {
+                let var = [k.as_bytes(), b"=", v.as_bytes()].concat();
+                cstr(var, || format!("the variable {}", k.to_string_lossy()))
+            })
+            .collect::<Result<_, _>>()?;
         let mut pid_vars = vec![pid_var("LISTEN_PID=")];
         if self.watchdog_usec.is_some() {
             pid_vars.push(pid_var("WATCHDOG_PID="));
@@ -269,10 +302,6 @@ impl Launch {
             },
         }
     }
-}
-
-fn cstr(s: String) -> CString {
-    CString::new(s).expect("no NUL in arguments, environment or fd names (validated)")
 }
 
 fn pid_var(name: &str) -> Vec<u8> {
@@ -382,11 +411,11 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
-    fn env(vars: &[(&str, &str)]) -> BTreeMap<String, String> {
-        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    fn env(vars: &[(&str, &str)]) -> BTreeMap<OsString, OsString> {
+        vars.iter().map(|(k, v)| (k.into(), v.into())).collect()
     }
 
-    fn path_env() -> BTreeMap<String, String> {
+    fn path_env() -> BTreeMap<OsString, OsString> {
         env(&[("PATH", "/usr/bin:/bin")])
     }
 
@@ -394,6 +423,35 @@ mod tests {
     fn finish(spawned: Spawned) -> (ExecOutcome, nix::sys::wait::WaitStatus) {
         let status = nix::sys::wait::waitpid(spawned.pid, None).unwrap();
         (spawned.exec.check(), status)
+    }
+
+    /// An argument, a directory or a variable with a NUL byte is an error naming it, never a
+    /// panic; a variable that is not UTF-8 reaches the child byte for byte.
+    #[test]
+    fn odd_bytes_are_errors_or_passed_through_never_panics() {
+        let err = Launch::new(&["/bin/true".into(), "a\0b".into()], vec![], vec![], None, None).err();
+        assert_eq!(err, Some(SpawnError::Nul("argument 1 of the command (\"a\\0b\")".into())));
+        let err = Launch::new(&["/bin/true".into()], vec![], vec![], None, Some(Path::new("/a\0b"))).err();
+        assert!(matches!(&err, Some(SpawnError::Nul(what)) if what.starts_with("the working directory")), "{err:?}");
+        let launch = Launch::new(&["/bin/true".into()], vec![], vec![], None, None).unwrap();
+        let mut vars = path_env();
+        vars.insert("BAD".into(), "x\0y".into());
+        let err = launch.spawn(&vars, &[]).err();
+        assert_eq!(
+            err.map(|e| e.to_string()),
+            Some("the variable BAD holds a NUL byte, which cannot be passed to a program".into())
+        );
+
+        use std::os::unix::ffi::OsStringExt;
+        let out = std::env::temp_dir().join(format!("sdcluster-spawn-bytes-{}", std::process::id()));
+        let script = format!("cat /proc/$$/environ > {}", out.display());
+        let launch = Launch::new(&["/bin/sh".into(), "-c".into(), script], vec![], vec![], None, None).unwrap();
+        let mut vars = path_env();
+        vars.insert(OsString::from_vec(b"K\xff".to_vec()), OsString::from_vec(b"v\xfe\x80".to_vec()));
+        assert_eq!(finish(launch.spawn(&vars, &[]).unwrap()).0, ExecOutcome::Executed);
+        let environ = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        assert!(environ.split(|&b| b == 0).any(|v| v == b"K\xff=v\xfe\x80"), "{:?}", String::from_utf8_lossy(&environ));
     }
 
     #[test]
@@ -410,7 +468,8 @@ mod tests {
             vec![],
             Some(5_000_000),
             None,
-        );
+        )
+        .unwrap();
         // A LISTEN_FDS of the caller's is no match for the launch's own.
         let vars = env(&[("FOO", "bar"), ("PATH", "/usr/bin:/bin"), ("LISTEN_FDS", "9")]);
         let (outcome, _) = finish(launch.spawn(&vars, &[]).unwrap());
@@ -437,7 +496,8 @@ mod tests {
             vec![],
             None,
             None,
-        );
+        )
+        .unwrap();
         finish(launch.spawn(&path_env(), &extra).unwrap());
         let text = std::fs::read_to_string(&out).unwrap();
         std::fs::remove_file(&out).unwrap();
@@ -467,7 +527,8 @@ mod tests {
             vec![(table.as_raw_fd(), "TABLE_FILE".into())],
             None,
             None,
-        );
+        )
+        .unwrap();
         finish(launch.spawn(&env(&[("TABLE_FILE", "/elsewhere")]), &[(stored.as_raw_fd(), "kept")]).unwrap());
         let text = std::fs::read_to_string(&out).unwrap();
         std::fs::remove_file(&out).unwrap();
@@ -476,14 +537,14 @@ mod tests {
 
     #[test]
     fn a_failed_exec_reports_its_errno() {
-        let launch = Launch::new(&["/nonexistent/nodee".into()], vec![], vec![], None, None);
+        let launch = Launch::new(&["/nonexistent/nodee".into()], vec![], vec![], None, None).unwrap();
         let (outcome, status) = finish(launch.spawn(&path_env(), &[]).unwrap());
         let ExecOutcome::Failed(failure) = outcome else { panic!("{outcome:?}") };
         assert_eq!((failure.step, failure.errno), (Step::Exec, Errno::ENOENT));
         assert_eq!(failure.to_string(), "cannot execute /nonexistent/nodee: No such file or directory");
         assert!(matches!(status, nix::sys::wait::WaitStatus::Exited(_, 127)), "{status:?}");
         // Not a program at all: EACCES.
-        let launch = Launch::new(&["/".into()], vec![], vec![], None, None);
+        let launch = Launch::new(&["/".into()], vec![], vec![], None, None).unwrap();
         let ExecOutcome::Failed(failure) = finish(launch.spawn(&path_env(), &[]).unwrap()).0 else { panic!() };
         assert_eq!(failure.errno, Errno::EACCES);
     }
@@ -493,11 +554,11 @@ mod tests {
         let out = std::env::temp_dir().join(format!("sdcluster-spawn-cwd-{}", std::process::id()));
         let script = format!("pwd > {}", out.display());
         let argv = ["/bin/sh".to_owned(), "-c".to_owned(), script];
-        let launch = Launch::new(&argv, vec![], vec![], None, Some(Path::new("/usr")));
+        let launch = Launch::new(&argv, vec![], vec![], None, Some(Path::new("/usr"))).unwrap();
         assert_eq!(finish(launch.spawn(&path_env(), &[]).unwrap()).0, ExecOutcome::Executed);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "/usr\n");
         std::fs::remove_file(&out).unwrap();
-        let launch = Launch::new(&argv, vec![], vec![], None, Some(Path::new("/nonexistent/dir")));
+        let launch = Launch::new(&argv, vec![], vec![], None, Some(Path::new("/nonexistent/dir"))).unwrap();
         let ExecOutcome::Failed(failure) = finish(launch.spawn(&path_env(), &[]).unwrap()).0 else { panic!() };
         assert_eq!((failure.step, failure.errno), (Step::Chdir, Errno::ENOENT));
         assert_eq!(
@@ -509,7 +570,7 @@ mod tests {
     /// The pipe says nothing while the child has not reached execve, and never blocks.
     #[test]
     fn the_exec_pipe_never_blocks() {
-        let launch = Launch::new(&["/bin/sleep".into(), "1".into()], vec![], vec![], None, None);
+        let launch = Launch::new(&["/bin/sleep".into(), "1".into()], vec![], vec![], None, None).unwrap();
         let spawned = launch.spawn(&path_env(), &[]).unwrap();
         let started = Instant::now();
         let outcome = loop {
