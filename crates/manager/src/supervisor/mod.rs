@@ -45,8 +45,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
-use sdcluster_protocol::listen_fds::BALANCE_FD_NAME;
-use sdcluster_protocol::metrics::{METRICS_FD_NAME, METRICS_FILE_ENV, MetricsTable};
+use sdcluster_protocol::metrics::{METRICS_FILE_ENV, MetricsTable};
 use sdcluster_protocol::notify::Notification;
 use sdcluster_protocol::{BindError, Listener, balance, handover};
 use tokio::io::unix::AsyncFd;
@@ -157,7 +156,7 @@ pub struct Supervisor {
     timing: Timing,
     shared: Vec<Listener>,
     balance_table: Option<OwnedFd>,
-    /// The table every instance keeps its counters in (fd [`METRICS_FD_NAME`]), and this
+    /// The table every instance keeps its counters in (a sealed memfd), and this
     /// process's mapping of it, for `status`.
     metrics_table: OwnedFd,
     metrics: MetricsTable,
@@ -191,26 +190,15 @@ impl Supervisor {
         let (shared, balance_table) = match spec.balance {
             Balance::Shared => {
                 let listeners = spec.listen.iter().map(|a| a.bind(false)).collect::<Result<Vec<_>, _>>()?;
-                let table = nix::sys::memfd::memfd_create(BALANCE_FD_NAME, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                    .map_err(|e| io_err("cannot create the balance table")(e.into()))?;
-                nix::unistd::ftruncate(&table, balance::TABLE_BYTES as i64)
-                    .map_err(|e| io_err("cannot size the balance table")(e.into()))?;
+                let table =
+                    balance::BalanceTable::create_memfd().map_err(io_err("cannot create the balance table"))?;
                 (listeners, Some(table))
             }
             Balance::Reuseport => (Vec::new(), None),
         };
-        // In both modes: counters are per instance, whichever socket it serves.
-        // Sized here and sealed against shrinking: no worker can cut the table under the others'
-        // mappings (which would kill them with SIGBUS).
-        let metrics_table = nix::sys::memfd::memfd_create(
-            METRICS_FD_NAME,
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
-        )
-        .map_err(|e| io_err("cannot create the metrics table")(e.into()))?;
-        nix::unistd::ftruncate(&metrics_table, sdcluster_protocol::metrics::TABLE_BYTES as i64)
-            .map_err(|e| io_err("cannot size the metrics table")(e.into()))?;
-        nix::fcntl::fcntl(&metrics_table, nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK))
-            .map_err(|e| io_err("cannot seal the metrics table")(e.into()))?;
+        // In both modes: counters are per instance, whichever socket it serves. Both tables are
+        // sized and sealed: no worker can cut one under the others' mappings (SIGBUS).
+        let metrics_table = MetricsTable::create_memfd().map_err(io_err("cannot create the metrics table"))?;
         let metrics = metrics_table
             .try_clone()
             .map(std::fs::File::from)
