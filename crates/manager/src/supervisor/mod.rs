@@ -190,8 +190,7 @@ impl Supervisor {
         let (shared, balance_table) = match spec.balance {
             Balance::Shared => {
                 let listeners = spec.listen.iter().map(|a| a.bind(false)).collect::<Result<Vec<_>, _>>()?;
-                let table =
-                    balance::BalanceTable::create_memfd().map_err(io_err("cannot create the balance table"))?;
+                let table = balance::BalanceTable::create_memfd().map_err(io_err("cannot create the balance table"))?;
                 (listeners, Some(table))
             }
             Balance::Reuseport => (Vec::new(), None),
