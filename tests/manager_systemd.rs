@@ -596,3 +596,42 @@ fn scaling_down_under_load_fails_nothing() {
     eprintln!("scale 4 -> 2 under systemd: {}", report.summary());
     assert_eq!((report.failed, report.refused), (0, 0), "{}", report.summary());
 }
+
+/// A worker that becomes ready and waits: what it was given is read from /proc.
+const QUOTING_WORKER: &str = r#"
+import os, socket, signal
+address = os.environ["NOTIFY_SOCKET"]
+with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+    s.connect("\0" + address[1:] if address.startswith("@") else address)
+    s.sendall(b"READY=1")
+while True:
+    signal.pause()
+"#;
+
+/// Values with the characters unit files quote, escape or expand (`$`, `%`, quotes,
+/// backslashes, spaces) reach the worker under systemd exactly as written, as they do
+/// under `sdcluster run`: `Environment=` and `ExecStart=` are quoted each by its own rules.
+#[test]
+fn environment_values_and_arguments_reach_the_worker_as_written() {
+    const SCRIPT: &str = "/usr/local/lib/quoting-worker.py";
+    // The empty one not last: the reading below trims the end.
+    let values = ["a$b", "100%", "x\"y", "back\\slash", "", "two words", "%i", "$HOME", "it's"];
+    let Some(sdbox) = SdBox::shared() else { return };
+    sdbox.write_file(SCRIPT, QUOTING_WORKER);
+    let env: Vec<String> = values.iter().enumerate().map(|(i, v)| format!("QUOTED_{i}={v}")).collect();
+    let mut flags = vec!["--watchdog", "off"];
+    for kv in &env {
+        flags.extend(["--env", kv.as_str()]);
+    }
+    let mut command = vec!["/usr/bin/python3", SCRIPT];
+    command.extend(values);
+    let Some(app) = App::install_with("quoting", 1, &flags, Some(&command)) else { return };
+    let pid = app.main_pid(1).to_string();
+    let read = |what: &str| app.sdbox.exec_ok(&["sh", "-c", &format!("tr '\\0' '\\n' < /proc/{pid}/{what}")]);
+    let environ = read("environ");
+    for kv in &env {
+        assert!(environ.lines().any(|l| l == kv), "the worker has no {kv:?}:\n{environ}");
+    }
+    let argv: Vec<String> = read("cmdline").split('\n').map(str::to_owned).collect();
+    assert_eq!(argv[2..].iter().map(String::as_str).collect::<Vec<_>>(), values, "{argv:?}");
+}

@@ -871,3 +871,163 @@ fn any_worker_answers_metrics_for_the_whole_app() {
     assert_eq!(sample(&text, "sdcluster_app_worker_starts_total"), Some(3), "{text}");
     assert_promtool_accepts(&http::get(a_addr, "/metrics").text());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input and faults
+
+#[test]
+fn listen_on_a_path_that_is_not_a_socket_exits_2_and_deletes_nothing() {
+    let dir = TestDir::new("not-a-socket");
+    let path = dir.join("precious");
+    std::fs::write(&path, "keep me").unwrap();
+    let stderr = refused_with_exit_2(WorkerCommand::new().args(["--listen", &format!("unix:{}", path.display())]));
+    assert!(
+        stderr.contains(&format!("{} exists and is not a socket; remove it or choose another path", path.display())),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me", "the file is untouched");
+}
+
+#[test]
+fn sighup_drains_like_sigterm() {
+    let (mut worker, _listener, addr) = start_with(&["--instance", "hup", "--debug-endpoints"]);
+    let mut slow = send_get(addr, "/debug/sleep?ms=500");
+    wait_for_open_connections(addr, 2);
+    worker.signal(libc::SIGHUP);
+    worker.wait_for_stderr("SIGHUP: draining", PATIENCE);
+    let response = slow.read_response().expect("the request in flight is answered");
+    assert_ok_from(&response, "hup");
+    assert_eq!(response.text(), "slept\n");
+    assert_eq!(worker.exit_code(PATIENCE), 0, "stderr:\n{}", worker.stderr());
+}
+
+#[test]
+fn a_supervisor_that_does_not_read_its_notify_socket_does_not_stop_the_worker() {
+    let (_dir, mut notify) = notify_socket("notify-full");
+    // Fill the supervisor's queue, as a stopped (SIGSTOP) or wedged supervisor leaves it.
+    let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    let mut queued = 0;
+    while filler.send_to(b"X=1", notify.path()).is_ok() {
+        queued += 1;
+    }
+    assert!(queued > 0);
+    let (mut worker, _listener, addr) = start_on_passed_socket(
+        WorkerCommand::new().args(["--instance", "unheard"]).notify_socket(notify.path()).watchdog(20_000),
+    );
+    let mut conn = wait_until(PATIENCE, || Connection::connect(addr).ok()).unwrap();
+    let started = Instant::now();
+    for _ in 0..50 {
+        assert_ok_from(&conn.get("/").expect("served while the supervisor reads nothing"), "unheard");
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "50 requests took {:?}", started.elapsed());
+    // READY=1 waited for room without blocking the loop: once the supervisor reads, it comes.
+    notify.wait_for("READY=1", PATIENCE);
+    notify.wait_for_nth("WATCHDOG=1", 3, PATIENCE);
+    assert_still_serves(&mut worker, addr, "unheard");
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_after_write_timeout() {
+    let command =
+        WorkerCommand::new().args(["--instance", "unread", "--debug-endpoints"]).env("SDCLUSTER_WRITE_TIMEOUT", "1s");
+    let (mut worker, _listener, addr) = start_on_passed_socket(command);
+    let mut reader = Connection::connect(addr).unwrap();
+    // Thousands of scrapes asked for, nothing read: the socket's buffers fill up and writes
+    // stop.
+    reader.send(&b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n".repeat(3000)).unwrap();
+    wait_for_open_connections(addr, 2);
+    let since = Instant::now();
+    if wait_until(PATIENCE, || (open_connections(addr) == 1).then_some(())).is_none() {
+        panic!("the connection that reads nothing is still open after {:?}", since.elapsed());
+    }
+    assert!(since.elapsed() >= Duration::from_millis(500), "cut after {:?}", since.elapsed());
+    // Its client finds the connection gone (reset: what it did not read was thrown away).
+    reader.set_read_timeout(PATIENCE).unwrap();
+    while let PeerState::Sent(_) = reader.peer_state() {}
+    assert_still_serves(&mut worker, addr, "unread");
+}
+
+#[test]
+fn a_request_body_that_stops_coming_gets_408_after_body_timeout() {
+    let (mut worker, _listener, addr) =
+        start_with(&["--instance", "dribble", "--debug-endpoints", "--body-timeout", "1s"]);
+    // A body that keeps coming, if slowly, is read to its end: the timeout is on progress.
+    let mut steady = Connection::connect(addr).unwrap();
+    steady.send(b"POST /debug/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n").unwrap();
+    for _ in 0..5 {
+        thread::sleep(Duration::from_millis(400));
+        steady.send(&[b'x'; 10]).unwrap();
+    }
+    let response = steady.read_response().unwrap();
+    assert_ok_from(&response, "dribble");
+    assert_eq!(response.text(), "50 bytes\n");
+
+    // One that stops: 408, and the connection is closed.
+    let mut stalled = Connection::connect(addr).unwrap();
+    stalled.send(b"POST /debug/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n0123456789").unwrap();
+    let since = Instant::now();
+    let response = stalled.read_response().expect("an answer");
+    assert_eq!(response.status, 408, "{response:?}");
+    assert!(response.closes(), "{response:?}");
+    assert!(since.elapsed() >= Duration::from_millis(800), "answered after {:?}", since.elapsed());
+    stalled.set_read_timeout(PATIENCE).unwrap();
+    assert_eq!(stalled.peer_state(), PeerState::Closed);
+    assert_eq!(metric(addr, "sdcluster_http_requests_total", "status=\"408\""), 1);
+    wait_for_open_connections(addr, 1);
+    assert_still_serves(&mut worker, addr, "dribble");
+}
+
+#[test]
+fn truncating_the_shared_tables_under_two_workers_kills_neither() {
+    let (dir, mut notify) = notify_socket("truncated");
+    let balance_file = dir.join("balance");
+    let metrics_file = dir.join("metrics");
+    let listener = net::listener();
+    let addr = net::addr_of(&listener);
+    // Under systemd the tables are files; a memfd (sdcluster run) that a worker could cut
+    // would be as bad, and comes sealed: here an unsealed one stands for a buggy supervisor.
+    let memfd = net::memfd(c"sdcluster-balance");
+    let mut workers: Vec<Worker> = ["t1", "t2", "t3"]
+        .iter()
+        .map(|name| {
+            let (fds, names) = if *name == "t3" {
+                (vec![net::dup(&listener), net::dup(&memfd)], format!("http:{BALANCE_FD_NAME}"))
+            } else {
+                (vec![net::dup(&listener)], "http".to_owned())
+            };
+            WorkerCommand::new()
+                .args(["--instance", name])
+                .args(["--balance-file".as_ref(), balance_file.as_os_str()])
+                .args(["--metrics-file".as_ref(), metrics_file.as_os_str()])
+                .notify_socket(notify.path())
+                .pass_fds(fds, Some(&names))
+                .spawn()
+        })
+        .collect();
+    notify.wait_for_nth("READY=1", 3, PATIENCE);
+    assert_eq!(http::get(addr, "/").status, 200);
+    for file in [&balance_file, &metrics_file] {
+        File::options().write(true).open(file).unwrap().set_len(0).unwrap();
+    }
+    File::from(net::dup(&memfd)).set_len(100).unwrap();
+    // Every worker touches its tables at each accept and every 200 ms.
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut answered = 0;
+    while Instant::now() < until {
+        assert_eq!(http::get(addr, "/").status, 200);
+        answered += 1;
+    }
+    assert!(answered > 10);
+    for worker in &mut workers {
+        assert!(worker.is_running(), "a worker died; stderr:\n{}", worker.stderr());
+        worker.wait_for_stderr("the balance table shrank under this worker", PATIENCE);
+    }
+    for worker in &workers {
+        worker.wait_for_stderr("the metrics table shrank under this worker", PATIENCE);
+    }
+    for worker in &mut workers {
+        worker.signal(libc::SIGTERM);
+        assert_eq!(worker.exit_code(PATIENCE), 0, "stderr:\n{}", worker.stderr());
+    }
+}

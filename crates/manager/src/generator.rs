@@ -31,9 +31,20 @@ pub enum Generated {
         name: String,
         /// Instances wanted.
         instances: u32,
-        /// Why the file could not be used as it is (then "auto" was used, so the app keeps
+        /// Why the file's count could not be read (then "auto" was used, so the app keeps
         /// serving rather than leaving its socket to queue connections nobody takes).
         problem: Option<String>,
+    },
+    /// `APP.target` wants the file's count of workers, though another key of the file is
+    /// wrong: the count stands, and the problem is reported (the next `sdcluster install`
+    /// refuses the file until it is fixed).
+    WantedDespite {
+        /// The app.
+        name: String,
+        /// Instances wanted: the file's.
+        instances: u32,
+        /// What is wrong elsewhere in the file.
+        problem: String,
     },
     /// No `APP@.service` is installed: nothing to want.
     NotInstalled(String),
@@ -58,9 +69,9 @@ pub fn generate(config_dir: &Path, unit_path: &[&Path], out: &Path) -> io::Resul
             done.push(Generated::NotInstalled(name));
             continue;
         };
-        let (instances, problem) = match instances_of(&path) {
-            Ok(n) => (n.resolve(), None),
-            Err(e) => (Instances::Auto.resolve(), Some(e)),
+        let (instances, problem, counted) = match instances_of(&path) {
+            Ok((n, problem)) => (n.resolve(), problem, true),
+            Err(e) => (Instances::Auto.resolve(), Some(e), false),
         };
         let wants = out.join(format!("{name}.target.wants"));
         fs::create_dir_all(&wants)?;
@@ -70,22 +81,27 @@ pub fn generate(config_dir: &Path, unit_path: &[&Path], out: &Path) -> io::Resul
                 _ => {}
             }
         }
-        done.push(Generated::Wanted { name, instances, problem });
+        done.push(match problem {
+            Some(problem) if counted => Generated::WantedDespite { name, instances, problem },
+            problem => Generated::Wanted { name, instances, problem },
+        });
     }
     Ok(done)
 }
 
-/// The spec's instance count; the whole spec must be valid, so that a broken file is noticed
-/// at boot, not at the next `sdcluster install`.
-fn instances_of(path: &Path) -> Result<Instances, String> {
+/// The spec's instance count (an error when the file or its count can't be read), and what
+/// else is wrong with the file, so that a broken file is noticed at boot, not at the next
+/// `sdcluster install`. Only what needs no mounted file system is checked
+/// ([`SpecFile::validate_elsewhere`]): a generator runs before `/opt`, `/srv` or
+/// `/usr/local` may be mounted, so a program there is not missing.
+fn instances_of(path: &Path) -> Result<(Instances, Option<String>), String> {
     let file = SpecFile::read(path).map_err(|e| e.to_string())?;
-    let instances = file.instances.clone();
-    file.validate().map_err(|e| e.to_string())?;
-    match instances {
-        None => Ok(Instances::Auto),
-        Some(InstancesValue::Count(n)) => Instances::parse(&n.to_string()).map_err(|e| e.to_string()),
-        Some(InstancesValue::Text(t)) => Instances::parse(&t).map_err(|e| e.to_string()),
-    }
+    let instances = match file.instances.clone() {
+        None => Instances::Auto,
+        Some(InstancesValue::Count(n)) => Instances::parse(&n.to_string()).map_err(|e| e.to_string())?,
+        Some(InstancesValue::Text(t)) => Instances::parse(&t).map_err(|e| e.to_string())?,
+    };
+    Ok((instances, file.validate_elsewhere().err().map(|e| e.to_string())))
 }
 
 /// The directory the generator reads (`SDCLUSTER_CONFIG_DIR` overrides, for tests).
@@ -131,6 +147,41 @@ mod tests {
         assert_eq!(wants, ["web@1.service", "web@2.service", "web@3.service"]);
         assert_eq!(fs::read_link(out.join("web.target.wants/web@2.service")).unwrap(), units.join("web@.service"));
         assert!(!out.join("absent.target.wants").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// At early boot /opt, /srv or /usr/local may not be mounted yet: a program there is
+    /// not missing, and the file's count stands.
+    #[test]
+    fn the_count_does_not_depend_on_mounts_or_on_other_keys() {
+        let dir = std::env::temp_dir().join(format!("sdcluster-generator-mounts-{}", std::process::id()));
+        let (config, units, out) = (dir.join("etc"), dir.join("units"), dir.join("out"));
+        for d in [&config, &units, &out] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let count = Instances::Auto.resolve() + 2;
+        fs::write(
+            config.join("late.toml"),
+            format!(
+                "command = \"/srv/late/not-mounted-yet\"\nworking-directory = \"/srv/late\"\ninstances = {count}\n"
+            ),
+        )
+        .unwrap();
+        // A broken key elsewhere is reported, and the count is still the file's.
+        fs::write(
+            config.join("odd.toml"),
+            format!("command = \"/bin/sh\"\nmemory-max = \"lots\"\ninstances = {count}\n"),
+        )
+        .unwrap();
+        for app in ["late", "odd"] {
+            fs::write(units.join(format!("{app}@.service")), "[Service]\nExecStart=/bin/sh\n").unwrap();
+        }
+        let done = generate(&config, &[units.as_path()], &out).unwrap();
+        assert_eq!(done[0], Generated::Wanted { name: "late".into(), instances: count, problem: None });
+        let Generated::WantedDespite { name, instances, problem } = &done[1] else { panic!("{:?}", done[1]) };
+        assert_eq!((name.as_str(), *instances), ("odd", count));
+        assert!(problem.contains("memory-max"), "{problem}");
+        assert_eq!(fs::read_dir(out.join("odd.target.wants")).unwrap().count(), count as usize);
         fs::remove_dir_all(dir).unwrap();
     }
 }

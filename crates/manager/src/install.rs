@@ -110,15 +110,58 @@ pub fn remove(names: &[String], root: &Path, force: bool) -> Result<Vec<PathBuf>
     Ok(present)
 }
 
+/// The mode of a file [`write_atomically`] creates: unit files are read by everyone.
+pub const NEW_FILE_MODE: u32 = 0o644;
+
+/// [`write_atomically_new_mode`] with [`NEW_FILE_MODE`] for a file that does not exist yet.
+pub fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
+    write_atomically_new_mode(path, content, NEW_FILE_MODE)
+}
+
 /// Writes through a temporary file in the same directory and renames it into place, so a
 /// crash leaves the old file or the new one, never half of one.
-pub fn write_atomically(path: &Path, content: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+///
+/// The new file keeps the mode and owner of the one it replaces (a 0600 file of secrets
+/// stays 0600, whatever the umask); a file that did not exist gets `mode`. A symbolic link
+/// at `path` is replaced, not followed, and its target's mode and owner are kept when it is
+/// a regular file (a unit masked by a link to /dev/null is never made world-writable). The
+/// temporary file is created exclusively, mode 0600 until it is complete, so that nothing
+/// planted at its name is followed and nobody reads it half-written.
+pub fn write_atomically_new_mode(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.sdcluster-{}", std::process::id()));
+    let existing = match fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Some(meta),
+        Ok(_) => None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    // Permission bits and the sticky bit; never setuid or setgid on a file we rewrote.
+    let mode = existing.as_ref().map_or(mode, |meta| meta.mode()) & 0o1777;
+    let create = || fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp);
+    let mut file = match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Left by a crashed run of the same pid, or planted: removed (a link, not its
+            // target), then created anew.
+            fs::remove_file(&tmp)?;
+            create()?
+        }
+        other => other?,
+    };
     let result = (|| {
-        let mut file = File::create(&tmp)?;
         file.write_all(content)?;
+        if let Some(meta) = &existing {
+            let own = file.metadata()?;
+            if (own.uid(), own.gid()) != (meta.uid(), meta.gid()) {
+                std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
+            }
+        }
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
@@ -180,5 +223,53 @@ mod tests {
         assert_eq!(remove(&[a.name, b.name, "never-installed.target".into()], &root, false).unwrap().len(), 2);
         assert_eq!(fs::read_dir(unit_dir(&root)).unwrap().count(), 0, "no temporary files left");
         fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn rewriting_a_file_keeps_its_mode_and_owner() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let dir = root();
+        fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("app.toml");
+        fs::write(&secret, "environment = { TOKEN = \"s3cret\" }\n").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        let before = fs::metadata(&secret).unwrap();
+        write_atomically(&secret, b"instances = 4\n").unwrap();
+        let after = fs::metadata(&secret).unwrap();
+        assert_eq!(after.permissions().mode() & 0o7777, 0o600, "a secret's file must not become world-readable");
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        assert_eq!(fs::read_to_string(&secret).unwrap(), "instances = 4\n");
+        // A symlink is replaced, not followed, by a file with its target's mode.
+        let link = dir.join("link.toml");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        write_atomically(&link, b"instances = 5\n").unwrap();
+        assert!(fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(fs::metadata(&link).unwrap().permissions().mode() & 0o7777, 0o600);
+        assert_eq!(fs::read_to_string(&secret).unwrap(), "instances = 4\n");
+        // ... but a link to something else lends nothing: a unit masked by a link to
+        // /dev/null (mode 0666) must not become a world-writable unit file.
+        let masked = dir.join("masked.service");
+        std::os::unix::fs::symlink("/dev/null", &masked).unwrap();
+        write_atomically(&masked, b"[Unit]\n").unwrap();
+        assert_eq!(fs::metadata(&masked).unwrap().permissions().mode() & 0o7777, 0o644);
+        assert!(fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        // A new file gets the mode asked for, whatever the umask.
+        let fresh = dir.join("fresh");
+        write_atomically_new_mode(&fresh, b"x", 0o640).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().permissions().mode() & 0o7777, 0o640);
+        let unit = dir.join("a.service");
+        write_atomically(&unit, b"[Unit]\n").unwrap();
+        assert_eq!(fs::metadata(&unit).unwrap().permissions().mode() & 0o7777, 0o644);
+        // A temporary file left by a crash (or planted as a symlink) is not followed.
+        let planted = dir.join(format!(".fresh.sdcluster-{}", std::process::id()));
+        let elsewhere = dir.join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        write_atomically(&fresh, b"y").unwrap();
+        assert!(!elsewhere.exists(), "the write followed a symlink");
+        assert_eq!(fs::read_to_string(&fresh).unwrap(), "y");
+        let names: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!names.iter().any(|n| n.contains(".sdcluster-")), "temporary files left: {names:?}");
+        fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -242,6 +242,11 @@ struct SpecArgs {
     /// start, repeatable (key credentials; LoadCredential=NAME:PATH).
     #[arg(long = "credential", value_name = "NAME=PATH")]
     credentials: Vec<String>,
+    /// A system call (or @group) the workers may make beyond the sandbox's filter, repeatable;
+    /// adds to the file's (key system-calls; SystemCallFilter=). gunicorn needs setuid. No
+    /// effect on sdcluster run (no sandbox).
+    #[arg(long = "system-call", value_name = "NAME")]
+    system_calls: Vec<String>,
     /// The worker command (default: sdcluster-worker next to this program), after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -311,6 +316,9 @@ impl SpecArgs {
             let (k, v) = kv.split_once('=').with_context(|| format!("--credential {kv:?}: expected NAME=PATH"))?;
             file.credentials.get_or_insert_default().insert(k.into(), v.into());
         }
+        if !self.system_calls.is_empty() {
+            file.system_calls.get_or_insert_default().extend(self.system_calls);
+        }
         if !self.command.is_empty() {
             file.command = Some(CommandLine::Argv(self.command));
         }
@@ -348,7 +356,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Generate { spec, output, target } => {
             let (spec, source) = spec.resolve_checking(false)?;
-            let units = units::render(&spec, target.version()?, &source, &target.sdcluster()?);
+            let units = units::try_render(&spec, target.version()?, &source, &target.sdcluster()?)?;
             match output {
                 None => {
                     for unit in &units {
@@ -368,7 +376,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Install { spec, force, now, target } => {
             let (spec, source) = spec.resolve()?;
-            let units = units::render(&spec, target.version()?, &source, &target.sdcluster()?);
+            let units = units::try_render(&spec, target.version()?, &source, &target.sdcluster()?)?;
             let installed = systemd::install(&spec, &units, &target.root, force)?;
             for change in &installed.changes {
                 println!("{change}");
@@ -470,10 +478,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // systemd sends a generator's stderr to the kernel log, where boot problems are read.
             let unit_path: Vec<&std::path::Path> = generator::UNIT_PATH.iter().map(std::path::Path::new).collect();
             for done in generator::generate(&generator::config_dir(), &unit_path, &normal)? {
-                if let generator::Generated::Wanted { name, instances, problem: Some(problem) } = done {
-                    eprintln!(
+                match done {
+                    generator::Generated::Wanted { name, instances, problem: Some(problem) } => eprintln!(
                         "sdcluster-generator: {name}: {problem}; running {instances} workers (one per CPU) until it is fixed"
-                    );
+                    ),
+                    generator::Generated::WantedDespite { name, instances, problem } => eprintln!(
+                        "sdcluster-generator: {name}: {problem}; running its {instances} workers until it is fixed"
+                    ),
+                    _ => {}
                 }
             }
         }

@@ -17,6 +17,17 @@ pub const MAX_NAME: usize = 27;
 pub const MAX_LISTEN: usize = 32;
 /// More instances than this on one machine is a typo, not a plan.
 pub const MAX_INSTANCES: u32 = 1024;
+/// The longest argument or environment assignment the kernel passes to a program
+/// (`MAX_ARG_STRLEN`, with its terminating NUL).
+pub const MAX_ARG_STRLEN: usize = 128 * 1024;
+/// The longest command line, all arguments together: quoted, it stays far below systemd's
+/// longest unit line (1 MiB).
+pub const MAX_COMMAND: usize = 128 * 1024;
+/// The longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+pub const MAX_UNIX_PATH: usize = 107;
+/// The longest span a spec may give: more is a typo, and systemd's microseconds would
+/// overflow well before `Duration` does.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A validated app description.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +79,9 @@ pub struct Spec {
     /// Secrets by name: the file each is read from at each start (`LoadCredential=NAME:PATH`),
     /// given to the workers in `$CREDENTIALS_DIRECTORY/NAME`.
     pub credentials: BTreeMap<String, PathBuf>,
+    /// System calls (or `@groups`) the workers may make beyond the sandbox's filter
+    /// (`SystemCallFilter=`): gunicorn's workers call `setuid()` with their own uid.
+    pub system_calls: Vec<String>,
 }
 
 impl Spec {
@@ -274,6 +288,8 @@ pub struct SpecFile {
     pub environment_file: Option<String>,
     /// `NAME = "/path/to/secret"`.
     pub credentials: Option<BTreeMap<String, String>>,
+    /// System call names or `@groups`.
+    pub system_calls: Option<Vec<String>>,
 }
 
 /// `command = "/usr/bin/app --flag"` or `command = ["/usr/bin/app", "--flag"]`.
@@ -348,12 +364,29 @@ impl SpecFile {
             if !valid {
                 return Err(invalid("environment", format!("{key:?} is not a variable name (letters, digits, _)")));
             }
-            if value.contains(['\n', '\0']) {
-                return Err(invalid("environment", format!("the value of {key} has a newline or NUL")));
+            if let Some(c) = value.chars().find(|c| c.is_control()) {
+                return Err(invalid(
+                    "environment",
+                    format!(
+                        "the value of {key} has a control character ({c:?}), which would end or split its \
+                         Environment= line; put such values in an environment-file"
+                    ),
+                ));
+            }
+            if key.len() + 1 + value.len() >= MAX_ARG_STRLEN {
+                return Err(invalid(
+                    "environment",
+                    format!("{key}={value:.20}... is longer than the {MAX_ARG_STRLEN} bytes the kernel passes"),
+                ));
             }
         }
+        // In whole microseconds, as systemd counts: both supervisors wait the same span.
         let span = |key: &'static str, value: Option<String>, default: &str| {
-            duration::parse(value.as_deref().unwrap_or(default)).map_err(|e| invalid(key, e))
+            let d = duration::parse(value.as_deref().unwrap_or(default)).map_err(|e| invalid(key, e))?;
+            if d > MAX_DURATION {
+                return Err(invalid(key, format!("{} is too long: at most 365 days", duration::to_systemd(d))));
+            }
+            Ok(Duration::from_micros(d.as_micros() as u64))
         };
         let restart_delay = span("restart-delay", self.restart_delay, "100ms")?;
         let restart_max_delay = span("restart-max-delay", self.restart_max_delay, "10s")?;
@@ -362,10 +395,16 @@ impl SpecFile {
         }
         let ready = self.ready.unwrap_or_default();
         // A watchdog is fed by WATCHDOG=1 messages, which only an sd_notify program sends.
-        let watchdog = match (self.watchdog.as_deref(), ready) {
-            (Some("off" | "0" | "0s"), _) | (None, Readiness::Exec) => None,
-            (Some(w), Readiness::Exec) => {
-                span("watchdog", Some(w.to_owned()), "")?;
+        // Every zero span (0, 0s, 0ms, ...) is off, as WatchdogSec=0 is for systemd.
+        let watchdog = match self.watchdog.as_deref().map(str::trim) {
+            Some("off") => None,
+            Some(w) => Some(span("watchdog", Some(w.to_owned()), "")?).filter(|d| !d.is_zero()),
+            None if ready == Readiness::Exec => None,
+            None => Some(span("watchdog", None, "10s")?),
+        };
+        let watchdog = match (watchdog, ready) {
+            (Some(_), Readiness::Exec) => {
+                let w = self.watchdog.as_deref().unwrap_or_default();
                 return Err(invalid(
                     "watchdog",
                     format!(
@@ -375,7 +414,7 @@ impl SpecFile {
                     ),
                 ));
             }
-            (other, Readiness::Notify) => Some(span("watchdog", other.map(str::to_owned), "10s")?),
+            (watchdog, _) => watchdog,
         };
         let stop_timeout = span("stop-timeout", self.stop_timeout, "30s")?;
         if stop_timeout < Duration::from_secs(1) {
@@ -424,7 +463,14 @@ impl SpecFile {
             check_credential_name(&name)?;
             credentials.insert(name, check_unit_path("credentials", &path)?);
         }
+        let mut system_calls = self.system_calls.unwrap_or_default();
+        for call in &system_calls {
+            check_system_call(call)?;
+        }
+        system_calls.sort();
+        system_calls.dedup();
         Ok(Spec {
+            system_calls,
             ready,
             jit,
             state_directory: self.state_directory,
@@ -481,6 +527,38 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
 
 fn check_command(command: &[String], program_here: bool) -> Result<(), SpecError> {
     let Some(program) = command.first() else { return Err(invalid("command", "it is empty")) };
+    // ExecStart= quotes each argument, but a control character would end the line (\n, \r)
+    // or mean something else to systemd; sdcluster run would pass it as it is.
+    for arg in command {
+        if arg.chars().any(char::is_control) {
+            return Err(invalid(
+                "command",
+                format!(
+                    "the argument {arg:?} has a control character (a newline, a tab?), which can't be written into \
+                     ExecStart=; pass such values through the environment-file or a file the program reads"
+                ),
+            ));
+        }
+        if arg.len() >= MAX_ARG_STRLEN {
+            return Err(invalid(
+                "command",
+                format!("the argument {arg:.20}... is longer than the {MAX_ARG_STRLEN} bytes the kernel passes"),
+            ));
+        }
+    }
+    let total: usize = command.iter().map(|a| a.len() + 1).sum();
+    if total > MAX_COMMAND {
+        return Err(invalid("command", format!("{total} bytes long; at most {MAX_COMMAND}")));
+    }
+    if program.contains('$') {
+        return Err(invalid(
+            "command",
+            format!(
+                "the program's path {program:?} has a '$': systemd expands variables in a command's arguments but \
+                 not in its path, so no quoting makes both mean the same; use a path (a symlink) without it"
+            ),
+        ));
+    }
     let path = Path::new(program);
     if !path.is_absolute() {
         return Err(invalid(
@@ -512,6 +590,34 @@ fn check_listen(listen: &[String]) -> Result<Vec<ListenAddress>, SpecError> {
     for text in listen {
         let addr: ListenAddress =
             text.parse().map_err(|e: sdcluster_protocol::AddressError| invalid("listen", e.to_string()))?;
+        if let ListenAddress::Unix(path) = &addr {
+            // It goes into ListenStream= as it is (a % doubled): the rules of every unit path.
+            let path = path.to_str().unwrap_or_default();
+            check_unit_path("listen", path)?;
+            if path == "/" {
+                return Err(invalid("listen", "unix:/ is a directory, not a socket path"));
+            }
+            if path.len() > MAX_UNIX_PATH {
+                return Err(invalid(
+                    "listen",
+                    format!(
+                        "{text:?} is {} bytes long; a Unix socket path holds at most {MAX_UNIX_PATH} (108 with its \
+                         terminating NUL)",
+                        path.len()
+                    ),
+                ));
+            }
+        }
+        if let ListenAddress::Tcp(std::net::SocketAddr::V6(a)) = &addr {
+            // Found by fuzzing: systemd's ListenStream= refuses a scope ("Failed to parse
+            // address value"), where sdcluster run would bind it.
+            if a.scope_id() != 0 {
+                return Err(invalid(
+                    "listen",
+                    format!("{text:?} has a scope (%{}), which systemd's ListenStream= refuses", a.scope_id()),
+                ));
+            }
+        }
         if let ListenAddress::Tcp(a) = &addr {
             if a.port() == 0 {
                 return Err(invalid(
@@ -618,11 +724,48 @@ fn check_credential_name(name: &str) -> Result<(), SpecError> {
     }
 }
 
+/// A system call name (`setuid`) or a group (`@chown`), as `SystemCallFilter=` takes them.
+fn check_system_call(call: &str) -> Result<(), SpecError> {
+    let name = call.strip_prefix('@').unwrap_or(call);
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "system-calls",
+            format!(
+                "{call:?} is not a system call or @group (lowercase letters, digits, '_'; `systemd-analyze syscall-filter` lists them), e.g. system-calls = [\"setuid\"]"
+            ),
+        ))
+    }
+}
+
+/// `MemoryMax=` as systemd reads it: bytes with an optional K, M, G or T (powers of 1024)
+/// that fit in 64 bits, a percentage of the machine's memory up to 100%, or `infinity`.
 fn check_memory(m: &str) -> Result<(), SpecError> {
     let digits = m.trim_end_matches(['K', 'M', 'G', 'T', '%']);
+    let suffix = &m[digits.len()..];
+    let number = (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse::<u64>().ok())
+        .flatten();
     let ok = m == "infinity"
-        || (!digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) && m.len() - digits.len() <= 1);
-    if ok { Ok(()) } else { Err(invalid("memory-max", format!("{m:?} is not a size (512M, 2G, 50%, infinity)"))) }
+        || match (number, suffix) {
+            (Some(n), "") => n < u64::MAX,
+            (Some(n), "%") => n <= 100,
+            (Some(n), "K" | "M" | "G" | "T") => {
+                let shift = 10 * (1 + "KMGT".find(suffix).unwrap_or(0) as u32);
+                n.checked_mul(1 << shift).is_some_and(|b| b < u64::MAX)
+            }
+            _ => false,
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("memory-max", format!("{m:?} is not a size (512M, 2G, 50%, infinity) that fits in 64 bits")))
+    }
 }
 
 #[cfg(test)]
@@ -709,6 +852,16 @@ mod tests {
         let ok =
             from_toml("name = \"a\"\ncommand = \"/bin/sh\"\nlisten = [\"[::]:80\", \"unix:/run/a.sock\"]").unwrap();
         assert_eq!(ok.listen.len(), 2);
+    }
+
+    #[test]
+    fn system_calls_are_names_or_groups() {
+        let with = |calls: &str| from_toml(&format!("name = \"a\"\ncommand = \"/bin/sh\"\nsystem-calls = [{calls}]"));
+        assert_eq!(with("\"setuid\", \"@chown\", \"setuid\"").unwrap().system_calls, ["@chown", "setuid"]);
+        for bad in ["\"\"", "\"SetUID\"", "\"setuid setgid\"", "\"~setuid\"", "\"setuid\\nExecStartPre=/bin/x\""] {
+            let message = with(bad).unwrap_err().to_string();
+            assert!(message.starts_with("invalid system-calls: "), "{bad}: {message}");
+        }
     }
 
     #[test]
@@ -825,6 +978,104 @@ mod tests {
         for bad in ["", ".", "..", "a:b", "a/b", "a b", "%n", &"x".repeat(256)] {
             let message = cred(bad).unwrap_err().to_string();
             assert!(message.starts_with("invalid credentials: ") && message.contains("1-255 letters"), "{bad:?}");
+        }
+    }
+
+    /// Every value reaches a unit line; a control character there ends the line (systemd
+    /// reads `\n`, `\r` and NUL as line ends) and the rest becomes a directive of its own,
+    /// run by systemd as root. Refused, whatever the key.
+    #[test]
+    fn values_that_would_start_a_unit_line_are_refused() {
+        let message =
+            with(r#"listen = ["unix:/run/x.sock\nExecStartPre=/bin/touch /root/PWNED"]"#).unwrap_err().to_string();
+        assert!(message.starts_with("invalid listen: ") && message.contains("control character"), "{message}");
+        for bad in [r"unix:/run/a\rb.sock", r"unix:/run/a\tb.sock", r"unix:/run/a\u001bb", r"unix:/run/a\u0000b"] {
+            let message = with(&format!("listen = [\"{bad}\"]")).unwrap_err().to_string();
+            assert!(message.contains("control character"), "{bad}: {message}");
+        }
+        for (bad, why) in [
+            ("unix:/run/a b.sock", "whitespace"),
+            (r#"unix:/run/\"a\".sock"#, "quote"),
+            ("unix:/run/../x.sock", "not normalized"),
+            ("unix:/run/", "not normalized"),
+        ] {
+            let message = with(&format!("listen = [\"{bad}\"]")).unwrap_err().to_string();
+            assert!(message.starts_with("invalid listen: ") && message.contains(why), "{bad}: {message}");
+        }
+        // sun_path holds 108 bytes with the terminating NUL.
+        let long = format!("/run/{}", "x".repeat(102));
+        assert_eq!(long.len(), 107);
+        with(&format!("listen = [\"unix:{long}\"]")).unwrap();
+        let message = with(&format!("listen = [\"unix:{long}x\"]")).unwrap_err().to_string();
+        assert!(message.contains("108"), "{message}");
+        // A % is fine: it is written as %%.
+        with("listen = [\"unix:/run/100%.sock\"]").unwrap();
+        // Found by the render corpus test: systemd refuses an IPv6 scope in ListenStream=.
+        let message = with("listen = [\"[fe80::1%2]:80\"]").unwrap_err().to_string();
+        assert!(message.contains("scope"), "{message}");
+
+        for bad in [r"\r", r"\n", r"\t", r"\u0000", r"\u001b", r"\u007f", r"\u0085"] {
+            let command = format!("command = [\"/bin/sh\", \"-c\", \"true{bad}ExecStartPre=/bin/false\"]");
+            let message = from_toml(&format!("name = \"a\"\n{command}")).unwrap_err().to_string();
+            assert!(
+                message.starts_with("invalid command: ") && message.contains("control character"),
+                "{bad}: {message}"
+            );
+            let env = format!("environment = {{ A = \"x{bad}y\" }}");
+            let message = with(&env).unwrap_err().to_string();
+            assert!(message.starts_with("invalid environment: ") && message.contains("control character"), "{message}");
+        }
+        // systemd runs the program's path as written, without $ expansion, but expands its
+        // arguments: a $ in the path could not be written so that both agree.
+        let message = from_toml("name = \"a\"\ncommand = \"/opt/a$b/w\"").unwrap_err().to_string();
+        assert!(message.starts_with("invalid command: ") && message.contains('$'), "{message}");
+        // Arguments and values longer than the kernel passes to a program (MAX_ARG_STRLEN).
+        let long = "x".repeat(128 * 1024);
+        let message = with(&format!("environment = {{ A = \"{long}\" }}")).unwrap_err().to_string();
+        assert!(message.contains("longer than"), "{message}");
+        let message = from_toml(&format!("name = \"a\"\ncommand = [\"/bin/sh\", \"{long}\"]")).unwrap_err().to_string();
+        assert!(message.contains("longer than"), "{message}");
+        // What stays allowed: spaces, quotes, $, % and backslashes in arguments and values.
+        let spec = from_toml(
+            r#"name = "a"
+               command = ["/bin/sh", "-c", "echo \"$HOME\" 100% a\\b"]
+               environment = { A = "a$b", B = "100%", C = 'x"y', D = 'back\slash', E = "two words", F = "" }"#,
+        )
+        .unwrap();
+        assert_eq!(spec.environment["D"], "back\\slash");
+    }
+
+    #[test]
+    fn every_zero_watchdog_is_off() {
+        // systemd reads WatchdogSec=0 (in any unit) as off; so does sdcluster run.
+        for zero in ["0", "0s", "0ms", "0us", "0.0s", "0min", "0h", "000", " 0ms ", "0.0000001s"] {
+            assert_eq!(with(&format!("watchdog = \"{zero}\"")).unwrap().watchdog, None, "{zero:?}");
+            let exec = with(&format!("ready = \"exec\"\nwatchdog = \"{zero}\""));
+            assert_eq!(exec.unwrap().watchdog, None, "{zero:?} with ready = \"exec\"");
+        }
+        assert_eq!(with("watchdog = \"1ms\"").unwrap().watchdog, Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn durations_are_what_systemd_reads() {
+        // systemd counts in microseconds: a spec means the same span to both supervisors.
+        assert_eq!(with("watchdog = \"0.29ms\"").unwrap().watchdog, Some(Duration::from_micros(290)));
+        assert_eq!(with("watchdog = \"1.0000009s\"").unwrap().watchdog, Some(Duration::from_micros(1_000_000)));
+        // Beyond what a unit can say (systemd's microseconds overflow), or any sane delay.
+        for key in ["restart-delay", "restart-max-delay", "watchdog", "stop-timeout"] {
+            let message = with(&format!("{key} = \"100000000000000000s\"")).unwrap_err().to_string();
+            assert!(message.starts_with(&format!("invalid {key}: ")) && message.contains("at most"), "{message}");
+        }
+    }
+
+    #[test]
+    fn memory_sizes_are_what_systemd_reads() {
+        for good in ["512M", "2G", "1T", "100%", "0", "infinity", "1024", "16K"] {
+            with(&format!("memory-max = \"{good}\"")).unwrap();
+        }
+        for bad in ["lots", "", "M", "101%", "99999999999999999999", "99999999999T", "1.5G", "-1M"] {
+            let message = with(&format!("memory-max = \"{bad}\"")).unwrap_err().to_string();
+            assert!(message.starts_with("invalid memory-max: "), "{bad}: {message}");
         }
     }
 }

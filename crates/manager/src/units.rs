@@ -65,7 +65,8 @@ pub fn dynamic_user(name: &str) -> String {
     format!("sdc-{name}")
 }
 
-/// The value systemd's `ListenStream=` takes for an address (and `Listen=` shows).
+/// An address as systemd shows it in `Listen=` (`systemctl show -p Listen`): the value of
+/// `ListenStream=` with its specifiers expanded; [`listen_value`] is what a unit says.
 pub fn listen_stream(addr: &ListenAddress) -> String {
     match addr {
         ListenAddress::Tcp(a) => a.to_string(),
@@ -73,7 +74,16 @@ pub fn listen_stream(addr: &ListenAddress) -> String {
     }
 }
 
-/// Quotes one `ExecStart=` argument the way systemd.service(5) unquotes it.
+/// The value of `ListenStream=` for an address: systemd expands specifiers there and takes
+/// the rest as it is (no quotes), so `%` (a Unix path's, an IPv6 scope's) is doubled. The spec
+/// refused what systemd would split or strip ([`crate::spec::check_unit_path`]).
+fn listen_value(addr: &ListenAddress) -> String {
+    listen_stream(addr).replace('%', "%%")
+}
+
+/// Quotes one `ExecStart=` argument the way systemd.service(5) unquotes it: in double
+/// quotes, `\\` and `\"` are escapes, `$$` is a `$` (systemd expands `$VAR` in arguments) and
+/// `%%` a `%` (specifiers). Control characters are refused before ([`try_render`]).
 fn quote_arg(arg: &str) -> String {
     let needs = arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || "\"'\\;$%".contains(c));
     if !needs {
@@ -81,6 +91,29 @@ fn quote_arg(arg: &str) -> String {
     }
     let escaped = arg.replace('\\', "\\\\").replace('"', "\\\"").replace('$', "$$").replace('%', "%%");
     format!("\"{escaped}\"")
+}
+
+/// Quotes the program of a command line: as [`quote_arg`], but systemd does not expand `$`
+/// in the path it executes, so a `$` is not doubled there (the spec refuses a `$` in the
+/// program's path, whose `argv[0]` would be expanded; [`try_render`] refuses one here).
+fn quote_program(path: &str) -> String {
+    let needs = path.chars().any(|c| c.is_whitespace() || "\"'\\;%".contains(c));
+    if !needs {
+        return path.to_owned();
+    }
+    format!("\"{}\"", path.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%"))
+}
+
+/// One `Environment=` assignment, quoted the way systemd.exec(5) reads it: the word is
+/// unquoted and C-unescaped, then its specifiers are expanded; `$` means nothing there. So
+/// `%` is doubled, and an assignment with whitespace, quotes or backslashes goes in double
+/// quotes with `\\` and `\"` escaped. Control characters are refused before.
+fn quote_env(key: &str, value: &str) -> String {
+    let value = value.replace('%', "%%");
+    if !value.chars().any(|c| c.is_whitespace() || "\"'\\".contains(c)) {
+        return format!("{key}={value}");
+    }
+    format!("\"{key}={}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// A path for a unit line: the spec refused whatever systemd would split at or unquote
@@ -101,15 +134,45 @@ pub fn handover_flag(name: &str, instance: &str) -> String {
 /// The stop hook's command line (`ExecStop=+`): `sdcluster stop-hook UNIT FLAG`, with
 /// `--stopped` for `ExecStopPost=+`.
 fn stop_hook(sdcluster: &Path, name: &str, stopped: bool) -> String {
-    let program = quote_arg(&sdcluster.display().to_string());
+    let program = quote_program(&sdcluster.display().to_string());
     let when = if stopped { " --stopped" } else { "" };
     format!("{program} stop-hook{when} %n {}", handover_flag(name, "%i"))
+}
+
+/// A value that would not stay the value of its unit line: nothing was rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refusing to write {value:?} into a unit ({key}): {why}")]
+pub struct RenderError {
+    /// The template placeholder (or spec field) the value was for.
+    pub key: &'static str,
+    /// The value, as it would have been written.
+    pub value: String,
+    /// What is wrong with it.
+    pub why: &'static str,
+}
+
+/// [`try_render`], for a spec that came through [`crate::spec::SpecFile::validate`] (which
+/// refuses every value [`try_render`] would).
+///
+/// # Panics
+/// When a value would break its unit line (a control character): a `Spec` built by hand
+/// past validation, or an `sdcluster` path with a newline. A unit is never written then.
+pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec<UnitFile> {
+    try_render(spec, systemd, source, sdcluster).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Renders every unit of `spec` for a systemd of version `systemd`; `source` names the spec
 /// (a path or "flags") in each file's header; `sdcluster` is the program the workers' stop
 /// hook runs (`/usr/bin/sdcluster` for the package, else the `sdcluster` that installs).
-pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec<UnitFile> {
+///
+/// Every value is checked on its way into a unit, whatever checked it before: none may hold
+/// a control character (systemd ends a line at `\n`, `\r` and NUL: the rest would be a
+/// directive of its own, run as root) or end in a backslash (which continues the line).
+pub fn try_render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Result<Vec<UnitFile>, RenderError> {
+    let program = sdcluster.display().to_string();
+    if program.contains('$') {
+        return Err(RenderError { key: "stop_hook", value: program, why: "systemd would not expand a $ in a path" });
+    }
     let name = spec.name.as_str();
     let shared = spec.balance == Balance::Shared;
     let sockets = if shared { format!("{name}.socket") } else { format!("{name}@%i.socket") };
@@ -118,7 +181,7 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
     let none = Vec::new;
     let mut vars: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     vars.insert("name", one(name.into()));
-    vars.insert("listen", spec.listen.iter().map(listen_stream).collect());
+    vars.insert("listen", spec.listen.iter().map(listen_value).collect());
     vars.insert("sockets", one(sockets.clone()));
     vars.insert("trigger", if shared { one(format!("{name}.service")) } else { none() });
     vars.insert("target_after", if shared { one(sockets) } else { none() });
@@ -136,7 +199,16 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
         }
         .into()),
     );
-    vars.insert("command", one(spec.command.iter().map(|a| quote_arg(a)).collect::<Vec<_>>().join(" ")));
+    let mut command: Vec<String> = spec.command.first().map(|p| quote_program(p)).into_iter().collect();
+    command.extend(spec.command.iter().skip(1).map(|a| quote_arg(a)));
+    if spec.command.first().is_some_and(|p| p.contains('$')) {
+        return Err(RenderError {
+            key: "command",
+            value: command.join(" "),
+            why: "systemd would not expand a $ in a path",
+        });
+    }
+    vars.insert("command", one(command.join(" ")));
     vars.insert("drain_timeout", one(duration::to_systemd(spec.drain_timeout())));
     let handover = spec.handover_max > 0;
     let when_handover = |v: String| if handover { one(v) } else { none() };
@@ -145,7 +217,7 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
     vars.insert("handover_flag", when_handover(handover_flag(name, "%i")));
     vars.insert("stop_hook", when_handover(stop_hook(sdcluster, name, false)));
     vars.insert("stop_hook_post", when_handover(stop_hook(sdcluster, name, true)));
-    vars.insert("environment", spec.environment.iter().map(|(k, v)| quote_arg(&format!("{k}={v}"))).collect());
+    vars.insert("environment", spec.environment.iter().map(|(k, v)| quote_env(k, v)).collect());
     vars.insert("state_directory", spec.state_directory.iter().cloned().collect());
     vars.insert("working_directory", spec.working_directory.iter().map(|p| unit_path(p)).collect());
     vars.insert("environment_file", spec.environment_file.iter().map(|p| unit_path(p)).collect());
@@ -166,7 +238,19 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
         one(if spec.outbound_network { "AF_UNIX AF_INET AF_INET6 AF_NETLINK" } else { "AF_UNIX" }.into()),
     );
     vars.insert("memory_deny_write_execute", one(if spec.jit { "no" } else { "yes" }.into()));
-    let source = source.display().to_string();
+    vars.insert("system_calls", if spec.system_calls.is_empty() { none() } else { one(spec.system_calls.join(" ")) });
+    for (key, values) in &vars {
+        for value in values {
+            check_value(key, value)?;
+        }
+    }
+    // The source only names the spec in a comment: escaped, not refused.
+    let source: String = source
+        .display()
+        .to_string()
+        .chars()
+        .map(|c| if c.is_control() || c == '\\' { c.escape_default().to_string() } else { c.to_string() })
+        .collect();
     let mut units = Vec::new();
     let mut add = |file: String, template: &str| {
         let body = expand(template, &vars);
@@ -180,7 +264,20 @@ pub fn render(spec: &Spec, systemd: u32, source: &Path, sdcluster: &Path) -> Vec
     }
     add(format!("{name}@.service"), WORKER);
     add(format!("{name}.target"), TARGET);
-    units
+    Ok(units)
+}
+
+/// The last line of defence of [`try_render`]: a value that can't start a line of its own.
+fn check_value(key: &'static str, value: &str) -> Result<(), RenderError> {
+    let refuse = |why| Err(RenderError { key, value: value.to_owned(), why });
+    if value.chars().any(char::is_control) {
+        return refuse("it has a control character, which would end the line");
+    }
+    // A line that ends in a backslash continues on the next one (quoted values end in '"').
+    if value.ends_with('\\') {
+        return refuse("it ends in a backslash, which would continue the line");
+    }
+    Ok(())
 }
 
 /// Replaces `{{key}}`: a line is repeated per value of its placeholder and dropped when the
@@ -191,21 +288,24 @@ fn expand(template: &str, vars: &BTreeMap<&str, Vec<String>>) -> String {
         if line == "{{header}}" {
             continue;
         }
-        let Some(start) = line.find("{{") else {
-            out.push_str(line);
+        for expanded in expand_line(line, vars) {
+            out.push_str(&expanded);
             out.push('\n');
-            continue;
-        };
-        let end = start + line[start..].find("}}").expect("template placeholders are closed") + 2;
-        let key = &line[start + 2..end - 2];
-        let values = vars.get(key).unwrap_or_else(|| panic!("template uses unknown placeholder {key}"));
-        for value in values {
-            let expanded = format!("{}{value}{}", &line[..start], &line[end..]);
-            // Further placeholders on the same line take single values.
-            out.push_str(&expand(&expanded, vars));
         }
     }
     out
+}
+
+/// One template line, once per combination of its placeholders' values (none when one has
+/// none). Only the template's text is searched for placeholders, never an inserted value: a
+/// value with `{{` in it stays as it is.
+fn expand_line(line: &str, vars: &BTreeMap<&str, Vec<String>>) -> Vec<String> {
+    let Some(start) = line.find("{{") else { return vec![line.to_owned()] };
+    let end = start + line[start..].find("}}").expect("template placeholders are closed") + 2;
+    let key = &line[start + 2..end - 2];
+    let values = vars.get(key).unwrap_or_else(|| panic!("template uses unknown placeholder {key}"));
+    let rest = expand_line(&line[end..], vars);
+    values.iter().flat_map(|value| rest.iter().map(move |tail| format!("{}{value}{tail}", &line[..start]))).collect()
 }
 
 #[cfg(test)]
@@ -338,5 +438,133 @@ mod tests {
         assert_eq!(quote_arg("a b"), "\"a b\"");
         assert_eq!(quote_arg("100%"), "\"100%%\"");
         assert_eq!(quote_arg("$HOME"), "\"$$HOME\"");
+    }
+
+    fn default_spec() -> Spec {
+        let file: crate::spec::SpecFile = toml::from_str("name = \"web\"\ncommand = \"/usr/bin/w\"").unwrap();
+        file.validate_elsewhere().unwrap()
+    }
+
+    fn try_worker(spec: &Spec, sdcluster: &str, source: &str) -> Result<String, RenderError> {
+        let units = try_render(spec, 252, Path::new(source), Path::new(sdcluster))?;
+        Ok(units.into_iter().find(|u| u.name == format!("{}@.service", spec.name)).unwrap().content)
+    }
+
+    /// Whatever got past the spec (a `Spec` built by hand, a flag nobody checked), the
+    /// renderer itself writes no control character into a unit: a newline or a carriage
+    /// return would end the line and start a directive of its own.
+    #[test]
+    fn no_value_can_start_a_line_of_its_own() {
+        let injected = "\nExecStartPre=/bin/touch /root/PWNED";
+        let mut hostile: Vec<(&str, Spec)> = Vec::new();
+        let mut spec = default_spec();
+        spec.listen = vec![ListenAddress::Unix(format!("/run/x.sock{injected}").into())];
+        hostile.push(("listen", spec));
+        let mut spec = default_spec();
+        spec.command.push("a\rExecStartPre=/bin/false".into());
+        hostile.push(("command", spec));
+        let mut spec = default_spec();
+        spec.environment.insert("A".into(), format!("x{injected}"));
+        hostile.push(("environment", spec));
+        let mut spec = default_spec();
+        spec.memory_max = Some(format!("1G{injected}"));
+        hostile.push(("memory_max", spec));
+        let mut spec = default_spec();
+        spec.user = Some(format!("www-data{injected}"));
+        hostile.push(("user", spec));
+        let mut spec = default_spec();
+        spec.read_write_paths = vec![format!("/srv{injected}").into()];
+        hostile.push(("read_write_paths", spec));
+        let mut spec = default_spec();
+        spec.state_directory = Some("web\u{0}x".into());
+        hostile.push(("state_directory", spec));
+        for (key, spec) in &hostile {
+            let err = try_worker(spec, "/usr/bin/sdcluster", "t.toml").unwrap_err();
+            assert_eq!(err.key, *key, "{err}");
+            assert!(err.to_string().contains("control character"), "{err}");
+        }
+        let err = try_worker(&default_spec(), &format!("/usr/bin/sdcluster{injected}"), "t.toml").unwrap_err();
+        assert_eq!(err.key, "stop_hook", "{err}");
+        // A value ending in a backslash would continue onto the next line.
+        let mut spec = default_spec();
+        spec.memory_max = Some("1G\\".into());
+        assert!(try_worker(&spec, "/usr/bin/sdcluster", "t.toml").unwrap_err().to_string().contains("backslash"));
+        // The source only names the spec in a comment: its control characters are escaped.
+        let worker = try_worker(&default_spec(), "/usr/bin/sdcluster", "/tmp/a\nExecStartPre=/x.toml").unwrap();
+        assert!(!worker.lines().any(|l| l.starts_with("ExecStartPre")), "{worker}");
+        assert!(worker.starts_with("# Generated by sdcluster from /tmp/a\\nExecStartPre=/x.toml: "), "{worker}");
+        assert!(is_untouched(&worker));
+    }
+
+    /// Found by the `render` fuzz target: `expand` expanded the line again after inserting a
+    /// value, so a value with `{{` was taken for a placeholder (a panic, or another key's
+    /// values: `{{read_write_paths}}` in an environment value repeated its line).
+    #[test]
+    fn values_are_not_taken_for_placeholders() {
+        let mut spec = default_spec();
+        spec.environment.insert("A".into(), "{{read_write_paths}}".into());
+        spec.environment.insert("B".into(), "{{nope".into());
+        spec.environment.insert("C".into(), "{{nope}}".into());
+        spec.read_write_paths = vec!["/srv/a".into(), "/srv/b".into()];
+        spec.command.push("{{user}}".into());
+        let worker = try_worker(&spec, "/usr/bin/sdcluster", "t.toml").unwrap();
+        for line in [
+            "Environment=A={{read_write_paths}}",
+            "Environment=B={{nope",
+            "Environment=C={{nope}}",
+            "ExecStart=/usr/bin/w {{user}}",
+        ] {
+            assert_eq!(worker.lines().filter(|l| *l == line).count(), 1, "{line} in:\n{worker}");
+        }
+        let mut vars = BTreeMap::new();
+        vars.insert("a", vec!["{{b}}".to_owned(), "x".to_owned()]);
+        vars.insert("b", vec!["1".to_owned(), "2".to_owned()]);
+        assert_eq!(expand("K={{a}}-{{b}}\n", &vars), "K={{b}}-1\nK={{b}}-2\nK=x-1\nK=x-2\n");
+    }
+
+    #[test]
+    fn percent_signs_in_listen_addresses_are_not_specifiers() {
+        let mut spec = default_spec();
+        spec.listen = vec!["unix:/run/100%i.sock".parse().unwrap(), "[fe80::1%2]:80".parse().unwrap()];
+        let units = render(&spec, 252, Path::new("t.toml"), Path::new("/usr/bin/sdcluster"));
+        let socket = &units.iter().find(|u| u.name == "web.socket").unwrap().content;
+        let listen: Vec<&str> = socket.lines().filter_map(|l| l.strip_prefix("ListenStream=")).collect();
+        assert_eq!(listen, ["/run/100%%i.sock", "[fe80::1%%2]:80"], "{socket}");
+        // What `systemctl show -p Listen` says stays unescaped, to compare with.
+        assert_eq!(listen_stream(&spec.listen[0]), "/run/100%i.sock");
+    }
+
+    /// systemd.exec(5): an `Environment=` assignment is unquoted and C-unescaped, then its
+    /// specifiers are expanded; `$` means nothing there (unlike in `ExecStart=`).
+    #[test]
+    fn environment_values_are_quoted_for_environment_lines() {
+        for (value, rendered) in [
+            ("debug", "A=debug"),
+            ("a$b", "A=a$b"),
+            ("$HOME", "A=$HOME"),
+            ("100%", "A=100%%"),
+            ("x\"y", "\"A=x\\\"y\""),
+            ("it's", "\"A=it's\""),
+            ("back\\slash", "\"A=back\\\\slash\""),
+            ("two words", "\"A=two words\""),
+            (" lead", "\"A= lead\""),
+            ("", "A="),
+            ("a=b", "A=a=b"),
+            ("wörd", "A=wörd"),
+        ] {
+            assert_eq!(quote_env("A", value), rendered, "{value:?}");
+        }
+        let mut spec = default_spec();
+        spec.environment.insert("PRICE".into(), "5$".into());
+        let worker = try_worker(&spec, "/usr/bin/sdcluster", "t.toml").unwrap();
+        assert!(worker.lines().any(|l| l == "Environment=PRICE=5$"), "{worker}");
+    }
+
+    /// The program's path gets no `$` expansion from systemd, so it is not doubled there.
+    #[test]
+    fn the_program_path_is_quoted_without_dollar_doubling() {
+        assert_eq!(quote_program("/usr/bin/w"), "/usr/bin/w");
+        assert_eq!(quote_program("/opt/sd cluster/w"), "\"/opt/sd cluster/w\"");
+        assert_eq!(quote_program("/opt/100%/w"), "\"/opt/100%%/w\"");
     }
 }

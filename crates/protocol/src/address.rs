@@ -49,6 +49,9 @@ pub enum BindError {
         "binding {0} is not permitted ({1}); ports below 1024 need CAP_NET_BIND_SERVICE: let systemd bind it with a socket unit, or choose a port ≥ 1024"
     )]
     Denied(ListenAddress, io::Error),
+    /// Something other than a socket is at a Unix socket's path: it is left alone.
+    #[error("{} exists and is not a socket; remove it or choose another path", .0.display())]
+    NotASocket(PathBuf),
     /// Any other failure.
     #[error("cannot listen on {0}: {1}")]
     Other(ListenAddress, io::Error),
@@ -117,19 +120,45 @@ impl ListenAddress {
                 Ok(Listener::Tcp(socket.into()))
             }
             Self::Unix(path) => {
-                // A socket file nobody answers on is left over from a crash: replace it.
-                // Anything else at that path is someone's, and stays.
-                if path.exists()
-                    && UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
-                {
-                    let _ = std::fs::remove_file(path);
-                }
+                remove_stale_socket(path).map_err(|e| match e {
+                    Stale::NotASocket => BindError::NotASocket(path.clone()),
+                    Stale::Io(e) => fail(e),
+                })?;
                 let listener = UnixListener::bind(path).map_err(fail)?;
                 listener.set_nonblocking(true).map_err(fail)?;
                 Ok(Listener::Unix(listener))
             }
         }
     }
+}
+
+/// Why the path of a Unix socket to bind cannot be cleared.
+enum Stale {
+    NotASocket,
+    Io(io::Error),
+}
+
+/// Clears `path` for a new socket when it holds a socket file nobody answers on (left over
+/// from a crash). Nothing else is ever deleted: a live socket stays (the bind then says it is
+/// in use), and anything that is not a socket (`lstat`: a symbolic link is not followed) is
+/// an error.
+fn remove_stale_socket(path: &std::path::Path) -> Result<(), Stale> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Stale::Io(e)),
+    };
+    if !kind.is_socket() {
+        return Err(Stale::NotASocket);
+    }
+    if UnixStream::connect(path).is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused) {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(Stale::Io(e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -200,5 +229,30 @@ mod tests {
         assert!(matches!(addr.bind(false), Err(BindError::InUse(_))));
         drop(live);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn what_is_not_a_socket_is_never_deleted() {
+        let dir = std::env::temp_dir().join(format!("sdcluster-bind-not-socket-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, "precious").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        for path in [&file, &link, &sub] {
+            let err = ListenAddress::Unix(path.clone()).bind(false).unwrap_err();
+            assert!(matches!(err, BindError::NotASocket(_)), "{}: {err}", path.display());
+            assert_eq!(
+                err.to_string(),
+                format!("{} exists and is not a socket; remove it or choose another path", path.display())
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(sub.is_dir());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

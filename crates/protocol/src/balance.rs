@@ -7,14 +7,18 @@
 //! under `/run` under systemd); each worker claims a [`Slot`], publishes its open connections
 //! and a heartbeat there, and accepts only while it holds no more than its share.
 //!
-//! The file needs no set-up: all zeroes is an empty table, and each worker sizes it.
+//! The file needs no set-up: all zeroes is an empty table, and each worker sizes it. A
+//! memfd comes sized and sealed ([`BalanceTable::create_memfd`]); a file that shrinks under
+//! its workers is noticed (see [`crate::table`]) and they go on unbalanced.
 
 use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use memmap2::MmapMut;
+use crate::listen_fds::BALANCE_FD_NAME;
+use crate::table::{Access, SharedMap};
 
 /// Slots in a table; instances beyond this run unbalanced (and say so).
 pub const SLOTS: usize = 256;
@@ -24,6 +28,15 @@ const SLOT_BYTES: usize = 64;
 pub const TABLE_BYTES: u64 = (SLOTS * SLOT_BYTES) as u64;
 /// A slot whose heartbeat is older than this belongs to a dead or wedged worker.
 pub const STALE_AFTER_MS: u64 = 1000;
+/// A heartbeat further than this in the future is no process's (every process reads the same
+/// clock): the slot counts as dead, rather than live forever.
+pub const MAX_FUTURE_MS: u64 = 100;
+
+/// Whether a heartbeat at `heartbeat_ms` is recent at `now_ms`: at most [`STALE_AFTER_MS`]
+/// old and at most [`MAX_FUTURE_MS`] ahead.
+pub fn heartbeat_is_recent(heartbeat_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(heartbeat_ms) <= STALE_AFTER_MS && heartbeat_ms <= now_ms.saturating_add(MAX_FUTURE_MS)
+}
 
 /// One worker's published state; lives in the shared mapping.
 #[repr(C, align(64))]
@@ -38,32 +51,40 @@ const _: () = assert!(std::mem::size_of::<RawSlot>() == SLOT_BYTES);
 
 /// The shared table, mapped into this process.
 pub struct BalanceTable {
-    map: MmapMut,
+    map: SharedMap,
 }
 
 impl BalanceTable {
-    /// Maps `file` shared, growing it to [`TABLE_BYTES`] if it is smaller (a new, empty file).
+    /// Maps `file` shared, sizing it to [`TABLE_BYTES`] if it is empty (a new file); a file
+    /// that is shorter but not empty (truncated, or not a table) is refused.
     pub fn open(file: &File) -> io::Result<Self> {
-        if file.metadata()?.len() < TABLE_BYTES {
-            file.set_len(TABLE_BYTES)?;
-        }
-        // SAFETY: the file is only ever accessed through the atomics below, by every process.
-        let map = unsafe { MmapMut::map_mut(file)? };
-        if map.len() < TABLE_BYTES as usize {
-            return Err(io::Error::other("balance table file is too small after resizing"));
-        }
-        Ok(Self { map })
+        crate::table::prepare(file, TABLE_BYTES, "balance table")?;
+        Ok(Self { map: SharedMap::file(file, TABLE_BYTES as usize, Access::Write)? })
+    }
+
+    /// A new, empty table as a supervisor passes it: a memfd named [`BALANCE_FD_NAME`],
+    /// sized and sealed against shrinking and growing, close-on-exec.
+    pub fn create_memfd() -> io::Result<OwnedFd> {
+        crate::table::sealed_memfd(BALANCE_FD_NAME, TABLE_BYTES)
+    }
+
+    /// Whether the table is still shared with the other workers: false once its file shrank
+    /// (this process then holds a private copy of zeroes, safe to use and useless to
+    /// balance with). One `fstat`: call it at a heartbeat.
+    pub fn still_shared(&self) -> bool {
+        self.map.still_mapped()
     }
 
     fn slots(&self) -> &[RawSlot] {
-        // SAFETY: the mapping is page-aligned, at least TABLE_BYTES long, lives as long as
-        // `self`, and RawSlot is made of atomics, valid for any bit pattern.
+        debug_assert!(self.map.len() >= TABLE_BYTES as usize);
+        // SAFETY: the mapping is page-aligned, TABLE_BYTES long, lives as long as `self`
+        // (a truncated file's pages are replaced in place, never unmapped: crate::table),
+        // and RawSlot is made of atomics, valid for any bit pattern.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<RawSlot>(), SLOTS) }
     }
 
     fn is_live(slot: &RawSlot, now_ms: u64) -> bool {
-        slot.pid.load(Ordering::Acquire) != 0
-            && now_ms.saturating_sub(slot.heartbeat_ms.load(Ordering::Acquire)) <= STALE_AFTER_MS
+        slot.pid.load(Ordering::Acquire) != 0 && heartbeat_is_recent(slot.heartbeat_ms.load(Ordering::Acquire), now_ms)
     }
 
     /// Takes a free slot, or the slot of a dead worker, for process `pid`.
@@ -219,6 +240,48 @@ mod tests {
         let t = table();
         drop(t.claim(10, 1_000).unwrap());
         assert_eq!(t.claim(11, 1_000).unwrap().index, 0);
+    }
+
+    #[test]
+    fn a_heartbeat_in_the_future_counts_as_dead() {
+        let t = table();
+        let a = t.claim(10, 5_000).unwrap();
+        let b = t.claim(11, 5_000).unwrap();
+        b.publish_open(0, false);
+        assert!(b.heartbeat(5_000 + MAX_FUTURE_MS, 0), "a little ahead: clocks are read at different moments");
+        assert!(!a.may_accept(5, 0, 1, 5_000), "b is live");
+        assert!(b.heartbeat(1_000_000_000, 0));
+        assert!(a.may_accept(5, 0, 1, 5_000), "a heartbeat far ahead is nobody's: b holds a back no more");
+        assert!(!heartbeat_is_recent(u64::MAX, 5_000));
+        let c = t.claim(12, 5_000).unwrap();
+        assert_eq!(c.index, b.index, "its slot is taken");
+    }
+
+    #[test]
+    fn a_short_file_is_refused_and_a_memfd_comes_sealed() {
+        let file = tempfile();
+        file.set_len(100).unwrap();
+        let err = BalanceTable::open(&file).err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("the balance table is 100 bytes"), "{err}");
+        let memfd = File::from(BalanceTable::create_memfd().unwrap());
+        assert_eq!(memfd.metadata().unwrap().len(), TABLE_BYTES);
+        assert!(memfd.set_len(0).is_err(), "sealed against shrinking");
+        let t = Arc::new(BalanceTable::open(&memfd).unwrap());
+        assert!(t.claim(1, 0).is_some() && t.still_shared());
+    }
+
+    #[test]
+    fn a_table_whose_file_shrinks_is_left_not_faulted_on() {
+        let file = tempfile();
+        let one = Arc::new(BalanceTable::open(&file).unwrap());
+        let a = one.claim(10, 2_000).unwrap();
+        assert!(one.still_shared());
+        file.set_len(0).unwrap();
+        // Touching the slots now would fault; it is caught, and the slots read as zeroes.
+        assert!(!a.heartbeat(2_100, 3), "the slot is gone with the file");
+        assert!(!one.still_shared());
+        assert!(a.may_accept(100, 1, 1, 2_100));
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub const THREADS: &str = "SDCLUSTER_THREADS";
 pub const HEADER_TIMEOUT: &str = "SDCLUSTER_HEADER_TIMEOUT";
 /// Idle time of a kept-alive connection between requests (`--keepalive-timeout`).
 pub const KEEPALIVE_TIMEOUT: &str = "SDCLUSTER_KEEPALIVE_TIMEOUT";
+/// Time a response may make no write progress (the client does not read) before the
+/// connection is closed (`--write-timeout`).
+pub const WRITE_TIMEOUT: &str = "SDCLUSTER_WRITE_TIMEOUT";
+/// Time the app may wait for the next byte of a request body before the request is
+/// answered 408 and the connection closed (`--body-timeout`).
+pub const BODY_TIMEOUT: &str = "SDCLUSTER_BODY_TIMEOUT";
 /// How long idle connections stay open when a stopping worker has no replacement
 /// (`--close-grace`).
 pub const CLOSE_GRACE: &str = "SDCLUSTER_CLOSE_GRACE";
@@ -72,6 +78,8 @@ pub const ALL: &[&str] = &[
     THREADS,
     HEADER_TIMEOUT,
     KEEPALIVE_TIMEOUT,
+    WRITE_TIMEOUT,
+    BODY_TIMEOUT,
     CLOSE_GRACE,
     MAX_UNREAD_BODY,
     MAX_HEADER_BYTES,

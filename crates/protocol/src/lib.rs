@@ -13,6 +13,7 @@ pub mod handover;
 pub mod listen_fds;
 pub mod metrics;
 pub mod notify;
+pub mod table;
 
 pub use address::{AddressError, BindError, ListenAddress};
 pub use balance::{BalanceTable, Slot};

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use memmap2::{Mmap, MmapMut};
+use crate::table::{Access, SharedMap};
 
 /// The fd name of the table in `LISTEN_FDNAMES` (under `sdcluster run`).
 pub const METRICS_FD_NAME: &str = "sdcluster-metrics";
@@ -90,15 +90,9 @@ const _: () = assert!(SLOT_BYTES % 64 == 0);
 
 pub use crate::now_ms;
 
-enum Map {
-    Write(MmapMut),
-    Read(Mmap),
-    Anonymous(MmapMut),
-}
-
 /// The shared table, mapped into this process.
 pub struct MetricsTable {
-    map: Map,
+    map: SharedMap,
 }
 
 /// What a table says about one instance, as of one [`MetricsTable::snapshot`].
@@ -143,50 +137,48 @@ pub struct InstanceMetrics {
 }
 
 impl MetricsTable {
-    /// Maps `file` shared and writable, growing it to [`TABLE_BYTES`] if it is smaller (a
-    /// new, empty file).
+    /// Maps `file` shared and writable, sizing it to [`TABLE_BYTES`] if it is empty (a new
+    /// file); a file that is shorter but not empty, or of another layout, is refused.
     pub fn open(file: &File) -> io::Result<Self> {
-        if file.metadata()?.len() < TABLE_BYTES {
-            file.set_len(TABLE_BYTES)?;
-        }
-        // SAFETY: the file is only ever accessed through atomics, by every process; its size
-        // is checked below before any access.
-        let map = unsafe { MmapMut::map_mut(file)? };
-        Self::checked(Map::Write(map))
+        crate::table::prepare(file, TABLE_BYTES, "metrics table")?;
+        Self::checked(SharedMap::file(file, TABLE_BYTES as usize, Access::Write)?)
     }
 
     /// Maps the table at `path` for reading (`sdcluster status`); an error if it is missing,
     /// shorter than a table (it is never read past its end) or of another layout.
     pub fn open_existing(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
-        if file.metadata()?.len() < TABLE_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} is not a metrics table: shorter than {TABLE_BYTES} bytes", path.display()),
-            ));
-        }
-        // SAFETY: as in `open`; only atomic loads are made through this read-only mapping.
-        let map = unsafe { Mmap::map(&file)? };
-        Self::checked(Map::Read(map))
+        crate::table::check_len(file.metadata()?.len(), TABLE_BYTES, "metrics table")
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Self::checked(SharedMap::file(&file, TABLE_BYTES as usize, Access::Read)?)
+    }
+
+    /// A new, empty table as a supervisor passes it: a memfd named [`METRICS_FD_NAME`],
+    /// sized and sealed against shrinking and growing, close-on-exec.
+    pub fn create_memfd() -> io::Result<std::os::fd::OwnedFd> {
+        crate::table::sealed_memfd(METRICS_FD_NAME, TABLE_BYTES)
     }
 
     /// A table of this process alone, for a worker that was given none (or a full one).
     pub fn private() -> io::Result<Self> {
-        Self::checked(Map::Anonymous(MmapMut::map_anon(TABLE_BYTES as usize)?))
+        Self::checked(SharedMap::private(TABLE_BYTES as usize)?)
     }
 
-    fn checked(map: Map) -> io::Result<Self> {
-        let len = match &map {
-            Map::Write(m) | Map::Anonymous(m) => m.len(),
-            Map::Read(m) => m.len(),
-        };
-        if len < TABLE_BYTES as usize {
+    /// Whether the table is still shared with the other workers: false once its file shrank
+    /// (this process then counts into a private copy of zeroes). One `fstat`: call it at a
+    /// heartbeat.
+    pub fn still_shared(&self) -> bool {
+        self.map.still_mapped()
+    }
+
+    fn checked(map: SharedMap) -> io::Result<Self> {
+        if map.len() < TABLE_BYTES as usize {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "the metrics table file is too small"));
         }
         let table = Self { map };
         let layout = &table.header().layout;
-        let found = match table.map {
-            Map::Read(_) => layout.load(Ordering::Acquire),
+        let found = match table.map.access() {
+            Access::Read => layout.load(Ordering::Acquire),
             _ => layout.compare_exchange(0, LAYOUT, Ordering::AcqRel, Ordering::Acquire).unwrap_or_else(|v| v),
         };
         if found != LAYOUT && found != 0 {
@@ -201,10 +193,7 @@ impl MetricsTable {
     }
 
     fn base(&self) -> *const u8 {
-        match &self.map {
-            Map::Write(m) | Map::Anonymous(m) => m.as_ptr(),
-            Map::Read(m) => m.as_ptr(),
-        }
+        self.map.as_ptr()
     }
 
     fn header(&self) -> &Header {
@@ -226,7 +215,7 @@ impl MetricsTable {
     /// Takes the slot of `instance` (the one its previous processes counted into), or a free
     /// one, for process `pid`; counts a start. `None` when the table is full or read-only.
     pub fn claim(self: &Arc<Self>, instance: &str, pid: u32, now_ms: u64) -> Option<InstanceSlot> {
-        if matches!(self.map, Map::Read(_)) {
+        if self.map.access() == Access::Read {
             return None;
         }
         let name = name_bytes(instance);
@@ -284,7 +273,7 @@ impl RawSlot {
 
     fn live(&self, now_ms: u64) -> bool {
         self.pid.load(Ordering::Acquire) != 0
-            && now_ms.saturating_sub(self.heartbeat_ms.load(Ordering::Acquire)) <= STALE_AFTER_MS
+            && crate::balance::heartbeat_is_recent(self.heartbeat_ms.load(Ordering::Acquire), now_ms)
     }
 
     fn read(&self, now_ms: u64) -> InstanceMetrics {
@@ -526,6 +515,30 @@ mod tests {
         assert!(MetricsTable::open(&file).is_err());
         std::fs::remove_file(&dir).unwrap();
         assert!(MetricsTable::open_existing(&dir).is_err(), "missing");
+    }
+
+    #[test]
+    fn a_heartbeat_in_the_future_is_not_live() {
+        let t = Arc::new(MetricsTable::private().unwrap());
+        let slot = t.claim("ahead", 1, 1_000_000).unwrap();
+        assert!(t.snapshot(1_000_000)[0].live);
+        assert!(!t.snapshot(1_000)[0].live, "a heartbeat far ahead of the clock is nobody's");
+        drop(slot);
+    }
+
+    #[test]
+    fn a_truncated_table_is_left_not_faulted_on() {
+        let file = tempfile();
+        let t = Arc::new(MetricsTable::open(&file).unwrap());
+        let slot = t.claim("cut", 1, 1_000).unwrap();
+        slot.answered(200, Duration::ZERO);
+        file.set_len(10).unwrap();
+        slot.answered(200, Duration::ZERO); // faults: caught, counted into zero pages
+        assert!(!t.still_shared());
+        assert!(t.snapshot(1_000).is_empty(), "this process's copy is empty now");
+        let memfd = File::from(MetricsTable::create_memfd().unwrap());
+        assert!(memfd.set_len(10).is_err(), "a memfd comes sealed");
+        assert!(MetricsTable::open(&memfd).is_ok());
     }
 
     #[test]

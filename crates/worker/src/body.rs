@@ -12,16 +12,23 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
+
+use crate::connection::ConnState;
 
 /// The body of a request as the app sees it: hyper's body, read the same way.
 pub struct RequestBody {
     inner: Option<Incoming>,
     /// Where the body goes back when it is dropped before its end; `None` once it ended.
     unread: Option<oneshot::Sender<Incoming>>,
+    /// The connection, told when the app waits for bytes of the body (`--body-timeout`);
+    /// `None` for an empty body.
+    connection: Option<Arc<ConnState>>,
 }
 
 /// The worker's end of a request body: what is left of it after the app answered.
@@ -39,12 +46,13 @@ pub(crate) struct Unread(Option<oneshot::Receiver<Incoming>>);
 
 impl RequestBody {
     /// Wraps hyper's body; the returned handle tells, after the response, what is left.
-    pub(crate) fn new(body: Incoming) -> (Self, Unread) {
+    pub(crate) fn new(body: Incoming, connection: &Arc<ConnState>) -> (Self, Unread) {
         if body.is_end_stream() {
-            return (Self { inner: Some(body), unread: None }, Unread(None));
+            return (Self { inner: Some(body), unread: None, connection: None }, Unread(None));
         }
         let (back, rx) = oneshot::channel();
-        (Self { inner: Some(body), unread: Some(back) }, Unread(Some(rx)))
+        let connection = Some(Arc::clone(connection));
+        (Self { inner: Some(body), unread: Some(back), connection }, Unread(Some(rx)))
     }
 }
 
@@ -69,6 +77,9 @@ impl Body for RequestBody {
         if matches!(frame, Poll::Ready(None | Some(Err(_)))) || inner.is_end_stream() {
             self.unread = None; // ended (or failed): nothing to give back
         }
+        if let Some(connection) = &self.connection {
+            if frame.is_pending() { connection.body_waiting() } else { connection.body_progressed() }
+        }
         frame
     }
 
@@ -83,6 +94,9 @@ impl Body for RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
+        if let Some(connection) = &self.connection {
+            connection.body_progressed(); // nobody waits for it any more
+        }
         if let (Some(inner), Some(back)) = (self.inner.take(), self.unread.take()) {
             let _ = back.send(inner);
         }

@@ -5,7 +5,10 @@
 //! what every decision here needs:
 //! - timeouts: an idle connection gets `--keepalive-timeout` to start its next request, a
 //!   request that started gets `--header-timeout` for its head (slowloris), a new connection
-//!   `--header-timeout` for its first request;
+//!   `--header-timeout` for its first request; while a request runs, a response that makes
+//!   no write progress for `--write-timeout` (a client that stops reading) and a body the
+//!   app waits for that brings no byte for `--body-timeout` (a client that dribbles it, or
+//!   stops) end the connection (the latter with a 408 when no answer started);
 //! - a drain that hands over: each connection is taken out of hyper at its next request
 //!   boundary, with the bytes hyper already read, and passed to the next process;
 //! - a drain with no replacement: responses announce `Connection: close`, and connections
@@ -55,6 +58,14 @@ pub(crate) struct ConnState {
     /// The app answered 101 Switching Protocols (or 2xx to CONNECT): the connection leaves
     /// HTTP (a WebSocket, a tunnel) once that is sent, and is neither handed over nor held.
     upgrading: AtomicBool,
+    /// Since when hyper has been waiting to write (the socket's buffer is full: the client
+    /// does not read): 0 while writes go through, else as `boundary_at`.
+    write_blocked_at: AtomicU64,
+    /// Since when the app has been waiting for bytes of the request body: 0 while it is not,
+    /// else as `boundary_at`.
+    body_wait_at: AtomicU64,
+    /// Requests the app produced an answer for (its head is with hyper).
+    answered: AtomicU32,
 }
 
 impl ConnState {
@@ -68,11 +79,52 @@ impl ConnState {
             announced_close: AtomicBool::new(false),
             hold_reads: AtomicBool::new(false),
             upgrading: AtomicBool::new(false),
+            write_blocked_at: AtomicU64::new(0),
+            body_wait_at: AtomicU64::new(0),
+            answered: AtomicU32::new(0),
         }
     }
 
-    pub(crate) fn request_started(&self) {
-        self.started.fetch_add(1, Relaxed);
+    /// The app produced the answer of the request running (hyper writes it next).
+    pub(crate) fn response_ready(&self) {
+        self.answered.store(self.started.load(Relaxed), Relaxed);
+    }
+
+    /// The app waits for bytes of the request body (it polled the body and got nothing).
+    pub(crate) fn body_waiting(&self) {
+        if self.body_wait_at.load(Relaxed) == 0 {
+            self.body_wait_at.store(UNSTAMPED, Relaxed);
+        }
+    }
+
+    /// The app got body bytes (or the end), or stopped waiting.
+    pub(crate) fn body_progressed(&self) {
+        if self.body_wait_at.load(Relaxed) != 0 {
+            self.body_wait_at.store(0, Relaxed);
+        }
+    }
+
+    fn write_blocked(&self) {
+        if self.write_blocked_at.load(Relaxed) == 0 {
+            self.write_blocked_at.store(UNSTAMPED, Relaxed);
+        }
+    }
+
+    fn write_progressed(&self) {
+        if self.write_blocked_at.load(Relaxed) != 0 {
+            self.write_blocked_at.store(0, Relaxed);
+        }
+    }
+
+    /// A write or the app's wait for the body is making no progress.
+    fn stalled(&self) -> bool {
+        self.write_blocked_at.load(Relaxed) != 0 || self.body_wait_at.load(Relaxed) != 0
+    }
+
+    /// Counts a request whose head was read; whether it is time to let the connection's
+    /// peers run (see [`YIELD_EVERY`]).
+    pub(crate) fn request_started(&self) -> bool {
+        (self.started.fetch_add(1, Relaxed) + 1) % YIELD_EVERY == 0
     }
 
     pub(crate) fn response_finished(&self) {
@@ -116,17 +168,63 @@ impl ConnState {
     }
 
     fn unstamped(&self) -> bool {
-        self.boundary_at.load(Relaxed) == UNSTAMPED || self.first_byte_at.load(Relaxed) == UNSTAMPED
+        [&self.boundary_at, &self.first_byte_at, &self.write_blocked_at, &self.body_wait_at]
+            .iter()
+            .any(|at| at.load(Relaxed) == UNSTAMPED)
     }
 
     /// Puts the time on what happened since [`Drive`] last looked: it looks in the same
-    /// poll in which hyper read the byte or finished the response, so the time is right.
+    /// poll in which hyper read the byte, finished the response or found the socket full,
+    /// so the time is right.
     fn stamp(&self, now: u64) {
-        for at in [&self.boundary_at, &self.first_byte_at] {
+        for at in [&self.boundary_at, &self.first_byte_at, &self.write_blocked_at, &self.body_wait_at] {
             if at.load(Relaxed) == UNSTAMPED {
                 at.store(now, Relaxed);
             }
         }
+    }
+
+    /// When a write or the app's wait for the body that makes no progress times out.
+    fn stall_deadline(&self, limits: &Limits) -> Option<Instant> {
+        let since = |at: &AtomicU64, limit: Duration| {
+            let at = at.load(Relaxed);
+            (at > UNSTAMPED).then(|| instant(at) + limit)
+        };
+        match (since(&self.write_blocked_at, limits.write_timeout), since(&self.body_wait_at, limits.body_timeout)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the connection times out: the stalls' deadlines, and at a boundary (`idle`) the
+    /// idle deadline.
+    fn deadline(&self, limits: &Limits, idle: bool) -> Option<Instant> {
+        let stall = self.stall_deadline(limits);
+        if !idle {
+            return stall;
+        }
+        let idle = self.idle_deadline(limits);
+        Some(stall.map_or(idle, |stall| stall.min(idle)))
+    }
+
+    /// What timed out at `now`, if anything.
+    fn expired(&self, limits: &Limits, idle: bool, now: Instant) -> Option<Outcome> {
+        let past = |at: &AtomicU64, limit: Duration| {
+            let at = at.load(Relaxed);
+            at > UNSTAMPED && now >= instant(at) + limit
+        };
+        if past(&self.write_blocked_at, limits.write_timeout) {
+            return Some(Outcome::Stalled(Stall::Write));
+        }
+        if past(&self.body_wait_at, limits.body_timeout) {
+            let answered = self.answered.load(Relaxed) == self.started.load(Relaxed);
+            return Some(Outcome::Stalled(Stall::Body { answered }));
+        }
+        if idle && now >= self.idle_deadline(limits) {
+            let head = self.first_byte_at.load(Relaxed) != 0 || self.started.load(Relaxed) == 0;
+            return Some(Outcome::TimedOut { head });
+        }
+        None
     }
 
     /// When an idle connection times out: its head's deadline once a byte of it arrived,
@@ -148,6 +246,13 @@ fn base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
+/// Every this many requests a connection lets the others run (`yield_now`: woken after the
+/// runtime polled for I/O). hyper serves up to 16 pipelined requests per poll and then wakes
+/// itself at once, so a client that pipelines thousands would keep the runtime from polling
+/// for I/O (tokio does that every 61 tasks run, or when none is ready) and delay every other
+/// connection by ~1000 requests; with this, by at most this many.
+const YIELD_EVERY: u32 = 16;
+
 /// A time in [`ConnState`] that happened but was not read off the clock yet.
 const UNSTAMPED: u64 = 1;
 
@@ -165,11 +270,15 @@ fn instant(ns: u64) -> Instant {
     base() + Duration::from_nanos(ns)
 }
 
-/// The timeouts of an idle connection.
+/// The timeouts of a connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub(crate) header_timeout: Duration,
     pub(crate) keepalive_timeout: Duration,
+    /// No write progress for this long: the client does not read; closed.
+    pub(crate) write_timeout: Duration,
+    /// No body byte for this long while the app waits for one: 408 (or closed).
+    pub(crate) body_timeout: Duration,
 }
 
 /// What the worker is doing, as every connection sees it.
@@ -248,6 +357,21 @@ impl Stream {
             }
             other => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("not a TCP or Unix socket: {other:?}"))),
         }
+    }
+
+    /// Makes the close that follows a reset (`SO_LINGER` 0), dropping unsent data.
+    fn reset_on_close(&self) {
+        if let Self::Tcp(s) = self {
+            let _ = s.set_zero_linger();
+        }
+    }
+
+    /// Sends `bytes` if the socket takes them now, without waiting.
+    fn try_send(&self, bytes: &[u8]) {
+        let _ = match self {
+            Self::Tcp(s) => s.try_write(bytes),
+            Self::Unix(s) => s.try_write(bytes),
+        };
     }
 
     fn into_fd(self) -> io::Result<OwnedFd> {
@@ -337,9 +461,7 @@ impl AsyncRead for Tracked {
 impl AsyncWrite for Tracked {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.stats.bytes_out(n);
-        }
+        self.wrote(&polled);
         polled
     }
     fn poll_write_vectored(
@@ -348,9 +470,7 @@ impl AsyncWrite for Tracked {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.stats.bytes_out(n);
-        }
+        self.wrote(&polled);
         polled
     }
     fn is_write_vectored(&self) -> bool {
@@ -361,6 +481,20 @@ impl AsyncWrite for Tracked {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Tracked {
+    /// Counts what a write sent, and tells the connection's state whether it went through.
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                self.stats.bytes_out(*n);
+                self.state.write_progressed();
+            }
+            Poll::Pending => self.state.write_blocked(),
+            Poll::Ready(Err(_)) => {}
+        }
     }
 }
 
@@ -428,6 +562,17 @@ enum Outcome {
     Untouched,
     /// An idle connection's deadline passed (`head`: in the middle of a request head).
     TimedOut { head: bool },
+    /// A write or the app's wait for the body made no progress for its timeout.
+    Stalled(Stall),
+}
+
+/// What made no progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// The response: the client does not read it.
+    Write,
+    /// The request body the app waits for (`answered`: the app had produced its answer).
+    Body { answered: bool },
 }
 
 /// Drives hyper, and watches the connection's state each time hyper waits.
@@ -462,10 +607,12 @@ impl<S: App> Future for Drive<'_, S> {
             if let Poll::Ready(ended) = this.conn.poll(cx, this.state) {
                 return Poll::Ready(Outcome::Ended(ended));
             }
-            if !this.state.at_boundary() {
-                return Poll::Pending; // a request runs; the app decides how long
+            let idle = this.state.at_boundary();
+            if !idle && !this.state.stalled() {
+                return Poll::Pending; // a request runs and moves; the app decides how long
             }
-            // The clock is read once per request (to stamp its end), and during a grace.
+            // The clock is read once per request (to stamp its end), once per stall, and
+            // during a grace.
             let close = matches!(this.mode, Mode::Close { .. });
             let now = if this.state.unstamped() || close || this.clock.deadline.is_none() {
                 let now = Instant::now();
@@ -475,11 +622,12 @@ impl<S: App> Future for Drive<'_, S> {
             } else {
                 None
             };
-            let stop = match this.mode {
-                Mode::Serving => false,
-                Mode::HandOver => true,
-                Mode::Close { grace_until } => now.is_some_and(|now| now >= grace_until),
-            } && !this.state.is_upgrading();
+            let stop =
+                idle && match this.mode {
+                    Mode::Serving => false,
+                    Mode::HandOver => true,
+                    Mode::Close { grace_until } => now.is_some_and(|now| now >= grace_until),
+                } && !this.state.is_upgrading();
             if stop {
                 if this.state.untouched() {
                     return Poll::Ready(Outcome::Untouched);
@@ -491,13 +639,20 @@ impl<S: App> Future for Drive<'_, S> {
                     continue;
                 }
             }
-            let (timeout, wake) = *this.clock.deadline.get_or_insert_with(|| {
-                let timeout = this.state.idle_deadline(&this.limits);
-                match this.mode {
-                    Mode::Close { grace_until } if this.asked.is_none() => (timeout, timeout.min(grace_until)),
-                    _ => (timeout, timeout),
+            let deadline = match this.clock.deadline {
+                Some(deadline) => deadline,
+                None => {
+                    let Some(timeout) = this.state.deadline(&this.limits, idle) else {
+                        return Poll::Pending; // the stall just ended
+                    };
+                    let wake = match this.mode {
+                        Mode::Close { grace_until } if idle && this.asked.is_none() => timeout.min(grace_until),
+                        _ => timeout,
+                    };
+                    *this.clock.deadline.insert((timeout, wake))
                 }
-            });
+            };
+            let wake = deadline.1;
             if this.timer.deadline() > wake {
                 this.timer.as_mut().reset(wake);
                 this.clock.armed = false;
@@ -509,12 +664,14 @@ impl<S: App> Future for Drive<'_, S> {
                 this.clock.armed = true;
                 return Poll::Pending;
             }
+            // The timer went off: what timed out is decided afresh (a stall may have ended,
+            // a deadline moved on since it was set).
             let now = now.unwrap_or_else(Instant::now);
-            if now >= timeout {
-                let head = this.state.first_byte_at.load(Relaxed) != 0 || this.state.started.load(Relaxed) == 0;
-                return Poll::Ready(Outcome::TimedOut { head });
+            if let Some(outcome) = this.state.expired(&this.limits, idle, now) {
+                return Poll::Ready(outcome);
             }
             // Woken early (a deadline that moved on, or the grace): look again.
+            this.clock.deadline = None;
             this.timer.as_mut().reset(wake.max(now + Duration::from_millis(1)));
             this.clock.armed = false;
         }
@@ -539,6 +696,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
         let tracked = Tracked { io, prefix, state: Arc::clone(&state), stats: shared.gate.stats(), open };
         let mut conn = Hyper::Plain(shared.http.serve_connection(TokioIo::new(tracked), service));
         let mut asked = None;
+        let mut stalled = None;
         let outcome = loop {
             clock.deadline = None; // a new mode, or a new run of hyper
             let drive = Drive {
@@ -577,6 +735,10 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
                 }
                 false
             }
+            Outcome::Stalled(stall) => {
+                stalled = Some(stall);
+                false
+            }
             Outcome::Untouched => mode == Mode::HandOver,
             Outcome::Ended(Ok(())) => {
                 // Our shutdown at a boundary, with no request served since and no close
@@ -595,6 +757,22 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
         open = tracked.open;
         if !handing_over {
             let mut io = tracked.io;
+            match stalled {
+                Some(Stall::Write) => {
+                    tracing::debug!("no write progress for {:?}: closed", shared.limits.write_timeout);
+                    // What the client does not read is thrown away: a reset, not a close
+                    // that would keep the kernel sending it.
+                    io.reset_on_close();
+                }
+                Some(Stall::Body { answered }) => {
+                    tracing::debug!("no request body byte for {:?}: closed", shared.limits.body_timeout);
+                    if !answered {
+                        io.try_send(REQUEST_TIMEOUT);
+                        shared.gate.stats().answered(408, shared.limits.body_timeout);
+                    }
+                }
+                None => {}
+            }
             // shutdown, not just close: another process (the fd store) may hold the socket too.
             let _ = io.shutdown().await;
             break;
@@ -631,6 +809,9 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
     }
     // `open`, wherever it is now, counts the connection closed as it drops.
 }
+
+/// The answer to a request whose body stopped coming before the app answered.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 fn join(a: Bytes, b: Bytes) -> Bytes {
     if b.is_empty() {

@@ -130,6 +130,16 @@ impl Gate {
             tick.tick().await;
             let now = now_ms();
             let mut slot = balance.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if !balance.table.still_shared() {
+                // Truncated under us (it is sealed when a memfd): whatever it says now is
+                // nobody's, so accept without it.
+                *slot = None;
+                drop(slot);
+                tracing::warn!(
+                    "the balance table shrank under this worker (truncated?): accepting without balancing from now on; restart the app to share a new one"
+                );
+                return;
+            }
             let alive = slot.as_ref().is_some_and(|s| s.heartbeat(now, self.stats.open()));
             if !alive {
                 // Presumed dead while stalled (or the table was full): take a slot again.

@@ -251,6 +251,7 @@ fn stamp<B>(
     upgrade: bool,
 ) -> Response<ResponseBody<B>> {
     let status = response.status();
+    connection.response_ready();
     let mut response = response.map(|inner| ResponseBody { inner, sent: Sent(Arc::clone(&connection)) });
     response.headers_mut().insert(WORKER_HEADER, common.worker.clone());
     // A 101's `Connection: upgrade` stays: the connection leaves HTTP, it is not kept alive.
@@ -296,17 +297,22 @@ impl<S: App> Service<Request<Incoming>> for Instrumented<S> {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let connection = Arc::clone(self.connection.as_ref().expect("a service made for a connection"));
-        connection.request_started();
+        let let_others_run = connection.request_started();
         let began = Instant::now();
         let (head, body) = req.into_parts();
-        let (body, unread) = RequestBody::new(body);
+        let (body, unread) = RequestBody::new(body, &connection);
         let req = Request::from_parts(head, body);
         let common = &*self.common;
         if let Some(own) = common.answer_ops(&req) {
             drop(req);
             let close = matches!(unread.leftover(), Leftover::Dropped(_) | Leftover::Held);
             let response = stamp(common, connection, began, own.map(Either::Left), close, false);
-            return Box::pin(async move { Ok::<_, BoxError>(response) });
+            return Box::pin(async move {
+                if let_others_run {
+                    tokio::task::yield_now().await;
+                }
+                Ok::<_, BoxError>(response)
+            });
         }
         // A panic in `call` itself (before any future exists) is caught here, one while the
         // future runs by `CatchUnwind`: either way the client gets a 500, and the connection
@@ -315,6 +321,9 @@ impl<S: App> Service<Request<Incoming>> for Instrumented<S> {
         let app = std::panic::catch_unwind(AssertUnwindSafe(|| common.app.call(req)));
         let common = Arc::clone(&self.common);
         Box::pin(async move {
+            if let_others_run {
+                tokio::task::yield_now().await;
+            }
             // (`S::Error` need not be `Send`: it is converted before the next await.)
             let response = match app {
                 Ok(app) => match (CatchUnwind { inner: app }).await {

@@ -65,6 +65,16 @@ pub struct Options {
     #[arg(long, env = env::KEEPALIVE_TIMEOUT, default_value = "75s", value_parser = parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// A response that makes no write progress for this long (the client stopped reading it)
+    /// ends its connection, so that a client that never reads cannot hold a connection slot.
+    #[arg(long, env = env::WRITE_TIMEOUT, default_value = "30s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// A request body the app waits for that brings no byte for this long (the client
+    /// dribbles it, or stopped) is answered 408 and its connection closed.
+    #[arg(long, env = env::BODY_TIMEOUT, default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
     /// When the worker stops and no replacement takes its connections over: how long idle
     /// kept-alive connections stay open (their next request is answered with
     /// `Connection: close`) before they are closed; never past --drain-timeout.
@@ -266,6 +276,8 @@ mod tests {
         assert_eq!(defaults.drain_timeout, Duration::from_secs(30));
         assert_eq!(defaults.header_timeout, Duration::from_secs(10));
         assert_eq!(defaults.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(defaults.write_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.body_timeout, Duration::from_secs(30));
         assert_eq!(defaults.close_grace, Duration::from_secs(5));
         assert_eq!(defaults.max_connections, 10_000);
         assert_eq!(defaults.max_header_bytes, 32 * 1024);

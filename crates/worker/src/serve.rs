@@ -128,7 +128,12 @@ impl Server {
                     metrics: self.opts.metrics_path.path().map(str::to_owned),
                 },
             ),
-            limits: Limits { header_timeout: self.opts.header_timeout, keepalive_timeout: self.opts.keepalive_timeout },
+            limits: Limits {
+                header_timeout: self.opts.header_timeout,
+                keepalive_timeout: self.opts.keepalive_timeout,
+                write_timeout: self.opts.write_timeout,
+                body_timeout: self.opts.body_timeout,
+            },
             drain: draining,
             handover: Arc::clone(&handover),
             gate: Arc::clone(&gate),
@@ -171,12 +176,17 @@ impl Server {
             tasks.spawn(accept_loop(listener, Arc::clone(&shared)));
         }
         tasks.spawn(Arc::clone(&gate).keep_slot_alive());
-        tasks.spawn(notifier.keep_watchdog_fed());
-        tasks.spawn(notifier.keep_status_current(Arc::clone(&self.stats), serving.clone()));
+        tasks.spawn(notifier.clone().keep_watchdog_fed());
+        tasks.spawn(notifier.clone().keep_status_current(Arc::clone(&self.stats), serving.clone()));
         tracing::info!(balanced = self.balance.is_some(), "serving {serving}");
-        notifier.ready(&status_line(&serving, &self.stats));
-
-        shutdown.await;
+        // Serving goes on while READY=1 waits for room in a supervisor's full queue.
+        let status = status_line(&serving, &self.stats);
+        let ready = notifier.ready(&status);
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = ready => shutdown.await,
+            () = &mut shutdown => {}
+        }
         tasks.abort_all(); // stop accepting; our copies of the sockets close
         gate.leave_balance(); // peers stop counting on us at once
         self.stats.draining();
@@ -193,7 +203,7 @@ impl Server {
                 self.opts.drain_timeout
             ),
         }
-        notifier.stopping(&format!("draining {open} connections"));
+        notifier.stopping(&format!("draining {open} connections")).await;
         let grace_until = tokio::time::Instant::now() + grace;
         let _ = drain.send(Drain::Stopping { handover: handing_over.is_ok(), grace_until });
         let drained = tokio::select! {

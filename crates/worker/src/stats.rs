@@ -184,8 +184,15 @@ impl Stats {
     /// Keeps this instance shown live in the table; runs until the runtime ends.
     pub(crate) async fn keep_alive(self: Arc<Self>) {
         let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut shared = true;
         loop {
             tick.tick().await;
+            if shared && !self.table().still_shared() {
+                shared = false;
+                tracing::warn!(
+                    "the metrics table shrank under this worker (truncated?): /metrics shows no instance from now on; restart the app to share a new one"
+                );
+            }
             self.slot.heartbeat(now_ms(), self.open());
         }
     }

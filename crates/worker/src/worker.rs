@@ -133,8 +133,8 @@ impl Worker {
         self
     }
 
-    /// Serves `app` until SIGTERM or SIGINT (or [`Worker::shutdown_on`]), then drains: a
-    /// second signal cuts the drain short. `Ok` after a clean drain. See [`serve`].
+    /// Serves `app` until SIGTERM, SIGINT or SIGHUP (or [`Worker::shutdown_on`]), then
+    /// drains: a second signal cuts the drain short. `Ok` after a clean drain. See [`serve`].
     pub async fn serve<K>(self, app: impl IntoApp<K>) -> Result<(), Error> {
         let span = tracing::info_span!("worker", id = instance_name(&self.opts));
         self.serve_app(app.into_app()).instrument(span).await
@@ -192,13 +192,13 @@ impl Worker {
 
 /// Serves `app` on the caller's tokio runtime (`#[tokio::main]`) for the whole life of a
 /// worker: takes the sockets the supervisor passed (or binds `--listen`), reports
-/// `READY=1`, feeds the watchdog, and on SIGTERM or SIGINT drains (a second signal cuts the
-/// drain short); `Ok` after a clean drain.
+/// `READY=1`, feeds the watchdog, and on SIGTERM, SIGINT or SIGHUP drains (a second signal
+/// cuts the drain short); `Ok` after a clean drain.
 ///
 /// The runtime must have its I/O, time and signal drivers on (`#[tokio::main]` does:
 /// `enable_all()`). The worker installs its log subscriber unless one is set already
-/// ([`Worker::without_logging`]). Once called, SIGTERM and SIGINT no longer end the
-/// process by themselves (tokio's handlers stay installed); a supervisor waits for the
+/// ([`Worker::without_logging`]). Once called, SIGTERM, SIGINT and SIGHUP (unless ignored
+/// at the start, as under `nohup`) no longer end the process by themselves (tokio's handlers stay installed); a supervisor waits for the
 /// process to exit after `serve` returns, so return from `main` then.
 ///
 /// # The environment
@@ -318,17 +318,25 @@ fn only_thread() -> bool {
         .unwrap_or(false)
 }
 
-/// Counts SIGTERM and SIGINT: the first starts the drain, a second cuts it short. The
-/// counting task ends when the returned handle is aborted.
+/// Counts SIGTERM, SIGINT and SIGHUP: the first starts the drain, a second cuts it short.
+/// The counting task ends when the returned handle is aborted.
+///
+/// SIGHUP drains as SIGTERM does: by default it would kill the process at once, cutting
+/// every request in flight (a terminal that hangs up on a worker started from it, a `kill
+/// -HUP` meant for the supervisor); a worker has nothing to reload, and its supervisor
+/// starts a replacement after a clean exit. A SIGHUP ignored when the worker started
+/// (`nohup`) stays ignored.
 fn count_signals() -> io::Result<(tokio::sync::watch::Receiver<u32>, tokio::task::JoinHandle<()>)> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = if sighup_ignored() { None } else { Some(signal(SignalKind::hangup())?) };
     let (count, seen) = tokio::sync::watch::channel(0);
     let counting = tokio::spawn(async move {
         loop {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
+                Some(_) = async { hup.as_mut()?.recv().await } => "SIGHUP",
             };
             count.send_modify(|n| *n += 1);
             if *count.borrow() == 1 {
@@ -339,6 +347,16 @@ fn count_signals() -> io::Result<(tokio::sync::watch::Receiver<u32>, tokio::task
         }
     });
     Ok((seen, counting))
+}
+
+/// Whether SIGHUP is ignored (`SIG_IGN`, as `nohup` leaves it).
+fn sighup_ignored() -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into `old`, a
+    // zeroed sigaction (plain old data).
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// Lets `--max-connections` be reached: the soft limit of open files is often 1024 while the
