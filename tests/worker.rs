@@ -890,6 +890,10 @@ fn listen_on_a_path_that_is_not_a_socket_exits_2_and_deletes_nothing() {
 
 #[test]
 fn sighup_drains_like_sigterm() {
+    // A test run under nohup inherits SIGHUP ignored, and so would the worker (which keeps an
+    // ignored SIGHUP ignored, as nohup asks): start it with the default disposition.
+    // SAFETY: resetting a signal disposition to SIG_DFL has no preconditions.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_DFL) };
     let (mut worker, _listener, addr) = start_with(&["--instance", "hup", "--debug-endpoints"]);
     let mut slow = send_get(addr, "/debug/sleep?ms=500");
     wait_for_open_connections(addr, 2);
