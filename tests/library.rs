@@ -7,9 +7,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use sdcluster_tests::cluster::{Cluster, PATIENCE};
-use sdcluster_tests::examples::worker_example;
 use sdcluster_tests::http::{self, Connection};
 use sdcluster_tests::wait_until;
+use sdcluster_tests::worker_example;
 
 /// A cluster of `instances` of the example `name` (with `args`), all running.
 fn cluster_of(example: &str, cluster: &str, instances: u32, args: &[&str]) -> Cluster {

@@ -33,6 +33,16 @@ impl App {
 
     /// [`App::install`] with `command` as the worker (default: the reference worker).
     fn install_with(name: &str, instances: u32, flags: &[&str], command: Option<&[&str]>) -> Option<Self> {
+        let app = Self::install_unwaited(name, instances, flags, command)?;
+        for k in 1..=instances {
+            app.sdbox.wait_active(&app.unit(k));
+        }
+        Some(app)
+    }
+
+    /// [`App::install_with`], without waiting for the instances: for workers that never
+    /// become active.
+    fn install_unwaited(name: &str, instances: u32, flags: &[&str], command: Option<&[&str]>) -> Option<Self> {
         let sdbox = SdBox::shared()?;
         let worker = sdbox.install_worker();
         static COPIED: std::sync::Once = std::sync::Once::new();
@@ -45,11 +55,7 @@ impl App {
         args.extend(["--now", "--"]);
         args.extend(command.unwrap_or(&[worker, "--debug-endpoints"]));
         sdbox.exec_ok(&args);
-        let app = Self { sdbox, name: name.into(), addr };
-        for k in 1..=instances {
-            sdbox.wait_active(&app.unit(k));
-        }
-        Some(app)
+        Some(Self { sdbox, name: name.into(), addr })
     }
 
     fn unit(&self, k: u32) -> String {
@@ -202,25 +208,9 @@ fn a_killed_worker_is_restarted_and_no_connection_is_refused() {
 
 #[test]
 fn a_crash_loop_leaves_the_socket_listening() {
-    let Some(sdbox) = SdBox::shared() else { return };
-    sdbox.copy_in(sdcluster_binary(), GUEST_SDCLUSTER);
-    let addr = net::free_addr();
-    let listen = addr.to_string();
     // /bin/false exits at once: the worst crash loop there is.
-    sdbox.exec_ok(&[
-        GUEST_SDCLUSTER,
-        "install",
-        "--name",
-        "crashy",
-        "--listen",
-        &listen,
-        "--instances",
-        "1",
-        "--now",
-        "--",
-        "/bin/false",
-    ]);
-    let app = App { sdbox, name: "crashy".into(), addr };
+    let Some(app) = App::install_unwaited("crashy", 1, &[], Some(&["/bin/false"])) else { return };
+    let (sdbox, addr) = (app.sdbox, app.addr);
     app.wait("20 restarts", || app.restarts(1) >= 20);
     assert_eq!(sdbox.property("crashy.socket", "ActiveState"), "active", "{}", sdbox.diagnose("crashy*"));
     // The kernel still queues connections for the next worker: nothing is refused.
@@ -236,7 +226,6 @@ fn a_crash_loop_leaves_the_socket_listening() {
 fn a_worker_exiting_with_bad_input_is_not_restarted() {
     const PROGRAM: &str = "/usr/local/bin/picky-worker";
     let Some(sdbox) = SdBox::shared() else { return };
-    sdbox.copy_in(sdcluster_binary(), GUEST_SDCLUSTER);
     let real = sdbox.install_worker();
     // A flag the worker does not know: clap's usage error, exit status 2.
     sdbox.write_file(
@@ -244,22 +233,7 @@ fn a_worker_exiting_with_bad_input_is_not_restarted() {
         &format!("#!/bin/sh\n[ -e /run/picky-fixed ] && exec {real}\nexec {real} --no-such-flag\n"),
     );
     sdbox.exec_ok(&["chmod", "755", PROGRAM]);
-    let addr = net::free_addr();
-    let listen = addr.to_string();
-    sdbox.exec_ok(&[
-        GUEST_SDCLUSTER,
-        "install",
-        "--name",
-        "picky",
-        "--listen",
-        &listen,
-        "--instances",
-        "1",
-        "--now",
-        "--",
-        PROGRAM,
-    ]);
-    let app = App { sdbox, name: "picky".into(), addr };
+    let Some(app) = App::install_unwaited("picky", 1, &[], Some(&[PROGRAM])) else { return };
     app.wait("picky@1 failed", || sdbox.property("picky@1.service", "ActiveState") == "failed");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(app.restarts(1), 0, "{}", sdbox.diagnose("picky*"));
@@ -597,17 +571,6 @@ fn scaling_down_under_load_fails_nothing() {
     assert_eq!((report.failed, report.refused), (0, 0), "{}", report.summary());
 }
 
-/// A worker that becomes ready and waits: what it was given is read from /proc.
-const QUOTING_WORKER: &str = r#"
-import os, socket, signal
-address = os.environ["NOTIFY_SOCKET"]
-with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-    s.connect("\0" + address[1:] if address.startswith("@") else address)
-    s.sendall(b"READY=1")
-while True:
-    signal.pause()
-"#;
-
 /// Values with the characters unit files quote, escape or expand (`$`, `%`, quotes,
 /// backslashes, spaces) reach the worker under systemd exactly as written, as they do
 /// under `sdcluster run`: `Environment=` and `ExecStart=` are quoted each by its own rules.
@@ -617,7 +580,8 @@ fn environment_values_and_arguments_reach_the_worker_as_written() {
     // The empty one not last: the reading below trims the end.
     let values = ["a$b", "100%", "x\"y", "back\\slash", "", "two words", "%i", "$HOME", "it's"];
     let Some(sdbox) = SdBox::shared() else { return };
-    sdbox.write_file(SCRIPT, QUOTING_WORKER);
+    // Any worker that gets ready and waits: what it was given is read from /proc.
+    sdbox.write_file(SCRIPT, FLAG_WORKER);
     let env: Vec<String> = values.iter().enumerate().map(|(i, v)| format!("QUOTED_{i}={v}")).collect();
     let mut flags = vec!["--watchdog", "off"];
     for kv in &env {

@@ -36,10 +36,33 @@ fn profile_dir() -> PathBuf {
 /// returns its path; without cargo, the binary already there is used. Cache the result in a
 /// `OnceLock`, as [`worker_binary`] and [`sdcluster_binary`] do, to build once per test process.
 pub fn build_binary(package: &str, bin: &str) -> PathBuf {
+    let binary = profile_dir().join(bin);
+    cargo_build(&["-p", package, "--bin", bin], &binary);
+    assert!(binary.exists(), "cargo built {bin} but it is not at {}", binary.display());
+    binary
+}
+
+/// The example `name` of `sdcluster-worker` (`crates/worker/examples/NAME.rs`: an app built
+/// on the library, in `target/<profile>/examples/`), up to date: the first call builds every
+/// example as [`build_binary`] builds a binary.
+pub fn worker_example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = profile_dir().join("examples");
+        cargo_build(&["-p", "sdcluster-worker", "--examples"], &dir);
+        dir
+    });
+    let binary = dir.join(name);
+    assert!(binary.exists(), "cargo built the examples but {} is not there", binary.display());
+    binary
+}
+
+/// `cargo build --quiet ARGS` with the running test's profile; `output` is what it makes.
+/// Without cargo (a copied test executable) an `output` already there is tested instead.
+fn cargo_build(args: &[&str], output: &Path) {
     let dir = profile_dir();
-    let binary = dir.join(bin);
     let mut cargo = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
-    cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--quiet", "-p", package, "--bin", bin]);
+    cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args(["build", "--quiet"]).args(args);
     match dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => {}
         Some("release") => {
@@ -51,11 +74,8 @@ pub fn build_binary(package: &str, bin: &str) -> PathBuf {
     }
     match cargo.status() {
         Ok(status) if status.success() => {}
-        Ok(status) => panic!("building {bin} failed ({status}): {cargo:?}"),
-        // No cargo here (a copied test executable): test the binary beside it, if any.
-        Err(e) if binary.exists() => eprintln!("cannot run cargo ({e}); testing the existing {}", binary.display()),
-        Err(e) => panic!("{} is missing and cargo cannot build it: {e}", binary.display()),
+        Ok(status) => panic!("building {} failed ({status}): {cargo:?}", output.display()),
+        Err(e) if output.exists() => eprintln!("cannot run cargo ({e}); testing the existing {}", output.display()),
+        Err(e) => panic!("{} is missing and cargo cannot build it: {e}", output.display()),
     }
-    assert!(binary.exists(), "cargo built {bin} but it is not at {}", binary.display());
-    binary
 }

@@ -7,7 +7,6 @@
 mod binary;
 pub mod cluster;
 pub mod deb;
-pub mod examples;
 pub mod http;
 pub mod load;
 pub mod net;
@@ -18,7 +17,7 @@ mod tempdir;
 
 use std::time::{Duration, Instant};
 
-pub use binary::{build_binary, sdcluster_binary, worker_binary};
+pub use binary::{build_binary, sdcluster_binary, worker_binary, worker_example};
 pub use notify::{Notification, NotifySocket};
 pub use process::{ChildGuard, StderrLog, Worker, WorkerCommand, signal_pid};
 pub use tempdir::TestDir;

@@ -67,52 +67,14 @@ pub fn parse_environment_file(text: &str) -> Result<Vec<(String, String)>, Strin
         while i < chars.len() && matches!(chars[i], ' ' | '\t') {
             i += 1;
         }
-        let mut value = String::new();
-        match chars.get(i) {
-            Some('\'') => {
+        let value = match chars.get(i) {
+            Some(&quote @ ('\'' | '"')) => {
                 i += 1;
-                loop {
-                    match chars.get(i) {
-                        None => return Err(format!("line {start_line}: the value of {trimmed} has no closing '")),
-                        Some('\'') => break,
-                        Some(&c) => {
-                            line += usize::from(c == '\n');
-                            value.push(c);
-                        }
-                    }
-                    i += 1;
-                }
-                i += 1;
-                skip_rest_of_line(&chars, &mut i, &mut line);
-            }
-            Some('"') => {
-                i += 1;
-                loop {
-                    match chars.get(i) {
-                        None => return Err(format!("line {start_line}: the value of {trimmed} has no closing \"")),
-                        Some('"') => break,
-                        Some('\\') => match chars.get(i + 1) {
-                            Some('\n') => {
-                                line += 1;
-                                i += 1;
-                            }
-                            Some(&c @ ('"' | '\\' | '`' | '$')) => {
-                                value.push(c);
-                                i += 1;
-                            }
-                            _ => value.push('\\'),
-                        },
-                        Some(&c) => {
-                            line += usize::from(c == '\n');
-                            value.push(c);
-                        }
-                    }
-                    i += 1;
-                }
-                i += 1;
-                skip_rest_of_line(&chars, &mut i, &mut line);
+                quoted(&chars, &mut i, &mut line, quote)
+                    .ok_or_else(|| format!("line {start_line}: the value of {trimmed} has no closing {quote}"))?
             }
             _ => {
+                let mut value = String::new();
                 while let Some(&c) = chars.get(i) {
                     match c {
                         '\n' => break,
@@ -135,14 +97,48 @@ pub fn parse_environment_file(text: &str) -> Result<Vec<(String, String)>, Strin
                 line += 1;
                 let kept = value.trim_end_matches([' ', '\t', '\r']).len();
                 value.truncate(kept);
+                value
             }
-        }
+        };
         if value.contains('\0') {
             return Err(format!("line {start_line}: the value of {trimmed} has a NUL"));
         }
         vars.push((trimmed.to_owned(), value));
     }
     Ok(vars)
+}
+
+/// A value in `quote`s, from just past the opening one: verbatim in single quotes; in double
+/// quotes `\"`, `\\`, `` \` `` and `\$` are escapes and a backslash-newline continues the
+/// line. Past the closing quote, the rest of its line is skipped; `None` without one.
+fn quoted(chars: &[char], i: &mut usize, line: &mut usize, quote: char) -> Option<String> {
+    let escapes = quote == '"';
+    let mut value = String::new();
+    loop {
+        match chars.get(*i) {
+            None => return None,
+            Some(&c) if c == quote => break,
+            Some('\\') if escapes => match chars.get(*i + 1) {
+                Some('\n') => {
+                    *line += 1;
+                    *i += 1;
+                }
+                Some(&c @ ('"' | '\\' | '`' | '$')) => {
+                    value.push(c);
+                    *i += 1;
+                }
+                _ => value.push('\\'),
+            },
+            Some(&c) => {
+                *line += usize::from(c == '\n');
+                value.push(c);
+            }
+        }
+        *i += 1;
+    }
+    *i += 1;
+    skip_rest_of_line(chars, i, line);
+    Some(value)
 }
 
 /// After a closing quote: the rest of the line is whitespace (anything else is ignored, as
