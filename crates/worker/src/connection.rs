@@ -227,6 +227,13 @@ impl ConnState {
         None
     }
 
+    /// When an idle connection leaves hyper ([`PARK_AFTER`]); `None` once a byte of its next
+    /// request arrived (or while none was stamped yet).
+    fn park_at(&self) -> Option<Instant> {
+        let boundary = self.boundary_at.load(Relaxed);
+        (self.first_byte_at.load(Relaxed) == 0 && boundary > UNSTAMPED).then(|| instant(boundary) + PARK_AFTER)
+    }
+
     /// When an idle connection times out: its head's deadline once a byte of it arrived,
     /// else the keep-alive (or, before the first request, the header) timeout.
     fn idle_deadline(&self, limits: &Limits) -> Instant {
@@ -252,6 +259,14 @@ fn base() -> Instant {
 /// for I/O (tokio does that every 61 tasks run, or when none is ready) and delay every other
 /// connection by ~1000 requests; with this, by at most this many.
 const YIELD_EVERY: u32 = 16;
+
+/// A kept-alive connection idle this long leaves hyper: its buffers and hyper's state are
+/// freed, and the bare socket waits (in a small task) until it is readable again. An idle
+/// connection then costs what its socket, its timer and [`ConnState`] cost (under 1 KiB),
+/// not hyper's ~8 KiB read buffer and connection. A busy connection is never parked: its
+/// timer goes off at most once per this long (see [`IdleClock`]), and a connection that
+/// waits a little longer pays one rebuild of hyper's connection when its next request comes.
+const PARK_AFTER: Duration = Duration::from_millis(10);
 
 /// A time in [`ConnState`] that happened but was not read off the clock yet.
 const UNSTAMPED: u64 = 1;
@@ -372,6 +387,23 @@ impl Stream {
             Self::Tcp(s) => s.try_write(bytes),
             Self::Unix(s) => s.try_write(bytes),
         };
+    }
+
+    /// Shuts both directions down at once (as `shutdown().await` would for a socket whose
+    /// buffers are empty), with no future to keep in a parked connection's task.
+    fn shutdown_now(&self) {
+        let _ = match self {
+            Self::Tcp(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Both),
+            Self::Unix(s) => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    /// Waits until the socket has bytes (or the peer's end) to read.
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.readable().await,
+            Self::Unix(s) => s.readable().await,
+        }
     }
 
     fn into_fd(self) -> io::Result<OwnedFd> {
@@ -564,6 +596,8 @@ enum Outcome {
     TimedOut { head: bool },
     /// A write or the app's wait for the body made no progress for its timeout.
     Stalled(Stall),
+    /// Idle for [`PARK_AFTER`]: hyper stopped at the boundary, the socket is to be parked.
+    Parked,
 }
 
 /// What made no progress.
@@ -584,6 +618,8 @@ struct Drive<'a, S: App> {
     limits: Limits,
     /// Requests started when the shutdown at a boundary was asked for (`None`: not asked).
     asked: &'a mut Option<u32>,
+    /// The shutdown at a boundary was asked for to park the connection ([`PARK_AFTER`]).
+    parking: &'a mut bool,
     /// The idle deadline and the timer's state, kept across polls (and across `Drive`s).
     clock: &'a mut IdleClock,
 }
@@ -605,7 +641,8 @@ impl<S: App> Future for Drive<'_, S> {
         let this = &mut *self;
         loop {
             if let Poll::Ready(ended) = this.conn.poll(cx, this.state) {
-                return Poll::Ready(Outcome::Ended(ended));
+                let parked = *this.parking && ended.is_ok() && this.state.at_boundary();
+                return Poll::Ready(if parked { Outcome::Parked } else { Outcome::Ended(ended) });
             }
             let idle = this.state.at_boundary();
             if !idle && !this.state.stalled() {
@@ -647,6 +684,7 @@ impl<S: App> Future for Drive<'_, S> {
                     };
                     let wake = match this.mode {
                         Mode::Close { grace_until } if idle && this.asked.is_none() => timeout.min(grace_until),
+                        Mode::Serving if idle => this.state.park_at().map_or(timeout, |park| timeout.min(park)),
                         _ => timeout,
                     };
                     *this.clock.deadline.insert((timeout, wake))
@@ -670,6 +708,13 @@ impl<S: App> Future for Drive<'_, S> {
             if let Some(outcome) = this.state.expired(&this.limits, idle, now) {
                 return Poll::Ready(outcome);
             }
+            let park = idle && this.mode == Mode::Serving && !*this.parking && !this.state.is_upgrading();
+            if park && this.state.park_at().is_some_and(|at| now >= at) {
+                // Idle in hyper: it stops at once, and the connection is parked.
+                this.conn.graceful_shutdown();
+                *this.parking = true;
+                continue;
+            }
             // Woken early (a deadline that moved on, or the grace): look again.
             this.clock.deadline = None;
             this.timer.as_mut().reset(wake.max(now + Duration::from_millis(1)));
@@ -683,41 +728,89 @@ impl<S: App> Future for Drive<'_, S> {
 /// this, so that the accept loop sees its own count at once; dropping `open` counts it
 /// closed, however this ends (a panic, the task dropped, or the app done with an upgrade).
 pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Shared<S>>, open: Open) {
-    let state = Arc::new(ConnState::new());
-    let mut drain = shared.drain.clone();
-    let mut drain_open = true;
-    let mut mode = Mode::Serving;
-    let timer = tokio::time::sleep(shared.limits.header_timeout);
-    tokio::pin!(timer);
-    let mut clock = IdleClock::default();
+    let mut kept = Kept {
+        state: Arc::new(ConnState::new()),
+        drain: shared.drain.clone(),
+        drain_open: true,
+        mode: Mode::Serving,
+        timer: Box::pin(tokio::time::sleep(shared.limits.header_timeout)),
+        clock: IdleClock::default(),
+    };
     let (mut io, mut prefix, mut open) = (stream, prefix, open);
     loop {
-        let service = shared.service.for_connection(Arc::clone(&state));
-        let tracked = Tracked { io, prefix, state: Arc::clone(&state), stats: shared.gate.stats(), open };
-        let mut conn = Hyper::Plain(shared.http.serve_connection(TokioIo::new(tracked), service));
+        // Boxed: a parked connection's task holds none of hyper's state (see [`PARK_AFTER`]).
+        let Some((parked, place)) = Box::pin(serve_in_hyper(&mut kept, io, prefix, open, &shared)).await else {
+            return;
+        };
+        kept.timer.as_mut().reset(kept.state.idle_deadline(&shared.limits));
+        kept.clock.armed = false;
+        tokio::select! {
+            biased;
+            _ = parked.readable() => {}
+            changed = kept.drain.changed(), if kept.drain_open => match changed {
+                // hyper takes the connection back, and with it the drain's mode.
+                Ok(()) => match *kept.drain.borrow_and_update() {
+                    Drain::Cut => return,
+                    now => kept.mode = shared.enter(now, &kept.state),
+                },
+                Err(_) => kept.drain_open = false,
+            },
+            () = kept.timer.as_mut() => return parked.shutdown_now(),
+        }
+        (io, prefix, open) = (parked, Bytes::new(), place);
+    }
+    // `open`, wherever it is now, counts the connection closed as it drops.
+}
+
+/// What a connection keeps across runs of hyper, and while it is parked.
+struct Kept {
+    state: Arc<ConnState>,
+    drain: watch::Receiver<Drain>,
+    drain_open: bool,
+    mode: Mode,
+    timer: Pin<Box<Sleep>>,
+    clock: IdleClock,
+}
+
+/// Serves the connection with hyper until it ends (`None`), or until it is idle for
+/// [`PARK_AFTER`] with nothing read ahead: then its socket and place come back, to be parked.
+async fn serve_in_hyper<S: App>(
+    kept: &mut Kept,
+    mut io: Stream,
+    mut prefix: Bytes,
+    mut open: Open,
+    shared: &Shared<S>,
+) -> Option<(Stream, Open)> {
+    loop {
+        let service = shared.service.for_connection(Arc::clone(&kept.state));
+        let tracked = Tracked { io, prefix, state: Arc::clone(&kept.state), stats: shared.gate.stats(), open };
+        // Boxed: sized for hyper only while it serves the connection.
+        let mut conn = Box::new(Hyper::Plain(shared.http.serve_connection(TokioIo::new(tracked), service)));
         let mut asked = None;
+        let mut parking = false;
         let mut stalled = None;
         let outcome = loop {
-            clock.deadline = None; // a new mode, or a new run of hyper
+            kept.clock.deadline = None; // a new mode, or a new run of hyper
             let drive = Drive {
                 conn: &mut conn,
-                state: &state,
-                timer: timer.as_mut(),
-                mode,
+                state: &kept.state,
+                timer: kept.timer.as_mut(),
+                mode: kept.mode,
                 limits: shared.limits,
                 asked: &mut asked,
-                clock: &mut clock,
+                parking: &mut parking,
+                clock: &mut kept.clock,
             };
             tokio::select! {
                 biased;
                 outcome = drive => break outcome,
-                changed = drain.changed(), if drain_open => match changed {
-                    Ok(()) => match *drain.borrow_and_update() {
-                        Drain::Cut => return, // dropping `conn` closes the socket and the slot
-                        now if mode == Mode::Serving => mode = shared.enter(now, &state),
+                changed = kept.drain.changed(), if kept.drain_open => match changed {
+                    Ok(()) => match *kept.drain.borrow_and_update() {
+                        Drain::Cut => return None, // dropping `conn` closes the socket and the slot
+                        now if kept.mode == Mode::Serving => kept.mode = shared.enter(now, &kept.state),
                         _ => {}
                     },
-                    Err(_) => drain_open = false,
+                    Err(_) => kept.drain_open = false,
                 },
             }
         };
@@ -727,7 +820,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
                     shared.gate.stats().rejected(why);
                 }
                 tracing::debug!("connection ended with an error: {e}");
-                break;
+                return None;
             }
             Outcome::TimedOut { head } => {
                 if head {
@@ -739,22 +832,32 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
                 stalled = Some(stall);
                 false
             }
-            Outcome::Untouched => mode == Mode::HandOver,
+            Outcome::Untouched => kept.mode == Mode::HandOver,
+            Outcome::Parked => false,
             Outcome::Ended(Ok(())) => {
                 // Our shutdown at a boundary, with no request served since and no close
                 // announced: the client expects this connection to carry its next request.
-                mode == Mode::HandOver
-                    && asked == Some(state.started.load(Relaxed))
-                    && !state.announced_close.load(Relaxed)
-                    && !state.is_upgrading()
+                kept.mode == Mode::HandOver
+                    && asked == Some(kept.state.started.load(Relaxed))
+                    && !kept.state.announced_close.load(Relaxed)
+                    && !kept.state.is_upgrading()
             }
         };
-        let Some(parts) = conn.into_parts() else {
+        let Some(parts) = (*conn).into_parts() else {
             // Upgraded: the socket, and with it `open`, is the app's now.
-            return;
+            return None;
         };
         let tracked = parts.io.into_inner();
         open = tracked.open;
+        if let Outcome::Parked = outcome {
+            // Bytes hyper read ahead meanwhile are served at once, with no parking.
+            prefix = join(parts.read_buf, tracked.prefix);
+            if prefix.is_empty() {
+                return Some((tracked.io, open));
+            }
+            io = tracked.io;
+            continue;
+        }
         if !handing_over {
             let mut io = tracked.io;
             match stalled {
@@ -775,7 +878,7 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
             }
             // shutdown, not just close: another process (the fd store) may hold the socket too.
             let _ = io.shutdown().await;
-            break;
+            return None;
         }
         let bytes = join(parts.read_buf, tracked.prefix);
         let stream = tracked.io;
@@ -783,42 +886,43 @@ pub(crate) async fn serve<S: App>(stream: Stream, prefix: Bytes, shared: Arc<Sha
             Ok(fd) => match shared.handover.store(fd, &bytes).await {
                 Ok(()) => {
                     shared.gate.stats().handed_over();
-                    break;
+                    return None;
                 }
                 Err((e, fd)) => {
                     tracing::warn!("cannot hand a connection over ({e}): closing it gracefully instead");
                     match Stream::from_fd(fd) {
                         Ok(s) => io = s,
-                        Err(_) => break,
+                        Err(_) => return None,
                     }
                 }
             },
             Err(e) => {
                 tracing::warn!("cannot take a connection out of the runtime ({e}); it is closed");
-                break;
+                return None;
             }
         }
         // The store took it not: serve on, announcing the close.
         prefix = bytes;
-        mode = match *drain.borrow() {
+        kept.mode = match *kept.drain.borrow() {
             Drain::Stopping { grace_until, .. } => Mode::Close { grace_until },
             Drain::Serving | Drain::Cut => Mode::Close { grace_until: Instant::now() },
         };
-        state.close_next.store(true, Relaxed);
-        state.hold_reads.store(false, Relaxed);
+        kept.state.close_next.store(true, Relaxed);
+        kept.state.hold_reads.store(false, Relaxed);
     }
-    // `open`, wherever it is now, counts the connection closed as it drops.
 }
 
 /// The answer to a request whose body stopped coming before the app answered.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
+/// `a` then `b`; an empty result holds no buffer (hyper's empty read-ahead is a view of its
+/// whole read buffer).
 fn join(a: Bytes, b: Bytes) -> Bytes {
-    if b.is_empty() {
-        return a;
-    }
-    if a.is_empty() {
-        return b;
+    match (a.is_empty(), b.is_empty()) {
+        (true, true) => return Bytes::new(),
+        (false, true) => return a,
+        (true, false) => return b,
+        (false, false) => {}
     }
     let mut all = BytesMut::with_capacity(a.len() + b.len());
     all.extend_from_slice(&a);
