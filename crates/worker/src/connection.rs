@@ -634,6 +634,15 @@ struct IdleClock {
     armed: bool,
 }
 
+impl<S: App> Drive<'_, S> {
+    /// Whether an idle connection may be parked now: not twice, not when leaving HTTP, and
+    /// not while a write waits (hyper would drop what it has not sent yet). The same test
+    /// decides whether the timer wakes it to park, so it never wakes for nothing.
+    fn may_park(&self) -> bool {
+        !*self.parking && !self.state.stalled() && !self.state.is_upgrading()
+    }
+}
+
 impl<S: App> Future for Drive<'_, S> {
     type Output = Outcome;
 
@@ -684,7 +693,10 @@ impl<S: App> Future for Drive<'_, S> {
                     };
                     let wake = match this.mode {
                         Mode::Close { grace_until } if idle && this.asked.is_none() => timeout.min(grace_until),
-                        Mode::Serving if idle => this.state.park_at().map_or(timeout, |park| timeout.min(park)),
+                        // (Once a stall ends, it parks when the timer next goes off.)
+                        Mode::Serving if idle && this.may_park() => {
+                            this.state.park_at().map_or(timeout, |park| timeout.min(park))
+                        }
                         _ => timeout,
                     };
                     *this.clock.deadline.insert((timeout, wake))
@@ -708,7 +720,7 @@ impl<S: App> Future for Drive<'_, S> {
             if let Some(outcome) = this.state.expired(&this.limits, idle, now) {
                 return Poll::Ready(outcome);
             }
-            let park = idle && this.mode == Mode::Serving && !*this.parking && !this.state.is_upgrading();
+            let park = idle && this.mode == Mode::Serving && this.may_park();
             if park && this.state.park_at().is_some_and(|at| now >= at) {
                 // Idle in hyper: it stops at once, and the connection is parked.
                 this.conn.graceful_shutdown();
